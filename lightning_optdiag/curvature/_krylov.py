@@ -89,6 +89,8 @@ class LanczosProcess:
         # betas[j] couples basis vector j to j + 1; the last entry is the current residual norm.
         self.betas: list[float] = []
         self._scale = 0.0
+        # First step of each block of T; a new block starts at every restart.
+        self.block_starts = [0]
 
     @property
     def steps(self) -> int:
@@ -100,7 +102,9 @@ class LanczosProcess:
 
         On a breakdown (the Krylov space is invariant), either stop or, with
         ``restart_on_breakdown``, continue from a random vector orthogonal to the basis, which
-        starts a new block of ``T`` (a zero off-diagonal).
+        starts a new block of ``T`` (a zero off-diagonal). From a start vector with a random
+        share, a breakdown means every distinct eigenvalue has been found; restarts then
+        uncover further copies of repeated eigenvalues.
         """
         j = self.steps
         q = self.basis[j]
@@ -125,12 +129,18 @@ class LanczosProcess:
         self.betas.append(0.0)
         return restart_on_breakdown and self._restart(j + 1)
 
-    def ritz_pairs(self) -> RitzPairs:
-        """Eigen-decompose the current ``T_m`` with :func:`scipy.linalg.eigh_tridiagonal`."""
-        diagonal = np.asarray(self.alphas, dtype=np.float64)
-        off_diagonal = np.asarray(self.betas[:-1], dtype=np.float64)
+    def ritz_pairs(self, first: int = 0, last: int | None = None) -> RitzPairs:
+        """Eigen-decompose ``T_m`` (or its steps ``first:last``) with
+        :func:`scipy.linalg.eigh_tridiagonal`.
+
+        A block between two restarts is the Lanczos run on the orthogonal complement of
+        everything found before it.
+        """
+        last = self.steps if last is None else last
+        diagonal = np.asarray(self.alphas[first:last], dtype=np.float64)
+        off_diagonal = np.asarray(self.betas[first : last - 1], dtype=np.float64)
         values, vectors = eigh_tridiagonal(diagonal, off_diagonal)
-        residuals = np.abs(self.betas[-1] * vectors[-1, :])
+        residuals = np.abs(self.betas[last - 1] * vectors[-1, :])
         return RitzPairs(values=values, vectors=vectors, residuals=residuals)
 
     def ritz_vectors(self, coefficients: np.ndarray) -> Tensor:
@@ -152,4 +162,5 @@ class LanczosProcess:
         if norm <= 1e-3:  # the basis already spans (numerically) the whole space
             return False
         self.basis[index] = fresh / norm
+        self.block_starts.append(index)
         return True

@@ -29,6 +29,9 @@ __all__ = ["EigenResult", "hessian_eigenvalues", "lanczos_eigenvalues"]
 
 WHICH = ("both", "largest", "smallest")
 DEFAULT_MAX_HVPS = 100
+# Share of a random direction mixed into warm starts, so that an eigenvector absent from v0 (a new
+# outlier) is still reachable; small enough to cost at most a step or two.
+WARM_START_NOISE = 1e-2
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,11 @@ def hessian_eigenvalues(
     distance to a true eigenvalue, unlike the change between iterations, which power-iteration
     tools stop on. Ritz values come from :func:`scipy.linalg.eigh_tridiagonal`.
 
+    Like every Krylov method, Lanczos sees only what its start vector reaches: a random start
+    reaches everything, a warm start mostly the span of ``v0``. A new outlier nearly orthogonal
+    to ``v0`` can therefore be missed by a warm-started call; start cold from time to time.
+    Repeated eigenvalues are resolved through restarts when the Krylov space closes.
+
     The model is left exactly as it was: see :class:`HessianOperator`.
 
     Args:
@@ -104,8 +112,9 @@ def hessian_eigenvalues(
         tol: residual tolerance relative to the spectral radius; ``0`` runs ``max_hvps`` steps.
         max_hvps: most Hessian-vector products to spend (capped at the parameter count).
         v0: warm start: a vector of shape ``(n,)`` or several as rows ``(m, n)``, typically
-            ``previous_result.warm_start()``; rows are normalised and summed into the start
-            vector. ``None`` starts from a random vector.
+            ``previous_result.warm_start()``; rows are normalised and summed, and 1% of a random
+            direction is mixed in so that eigenvectors absent from ``v0`` stay reachable.
+            ``None`` starts from a random vector.
         generator: source of random vectors. ``None`` uses a CPU generator seeded with 0, so that
             every process of a distributed job draws the same vectors.
         params: which parameters the Hessian is taken over (see :class:`HessianOperator`).
@@ -161,10 +170,10 @@ def lanczos_eigenvalues(
     while True:
         can_continue = process.step(restart_on_breakdown=True)
         pairs = process.ritz_pairs()
-        done = _converged(pairs, k, tol, want_largest, want_smallest)
+        done = _certified(process, pairs, k, tol, want_largest, want_smallest)
         if done or not can_continue or process.steps >= max_hvps:
             break
-    return _result(process, pairs, k, tol, want_largest, want_smallest)
+    return _result(process, pairs, k, done, want_largest, want_smallest)
 
 
 def _validate(size: int, *, k: Any, which: Any, tol: Any, max_hvps: Any, generator: Any) -> None:
@@ -193,17 +202,58 @@ def _start_vector(
         raise ValueError("Invalid v0: it contains NaN or infinite entries")
     norms = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
     combined = (rows / norms.clamp_min(torch.finfo(dtype).tiny)).sum(dim=0)
-    if float(torch.linalg.vector_norm(combined)) == 0.0:
+    norm = float(torch.linalg.vector_norm(combined))
+    if norm == 0.0:
         raise ValueError("Invalid v0: its rows sum to the zero vector; give non-zero vectors")
-    return combined
+    noise = random_gaussian(size, generator, dtype, device)
+    return combined / norm + WARM_START_NOISE * noise / torch.linalg.vector_norm(noise)
+
+
+def _certified(
+    process: LanczosProcess,
+    pairs: RitzPairs,
+    k: int,
+    tol: float,
+    want_largest: bool,
+    want_smallest: bool,
+) -> bool:
+    """Whether the requested ends are converged, including repeated eigenvalues.
+
+    From a start with a random share, a closed block (breakdown) holds every distinct eigenvalue
+    of the space it ran in, but only one copy of each: further copies live in the complement,
+    which the block after the restart explores. So after a restart, either the running block
+    must have converged at its ends too, or the block that just closed must hold nothing that
+    another copy of could still enter the requested ends.
+    """
+    if not _converged(pairs, k, tol, want_largest, want_smallest):
+        return False
+    starts = process.block_starts
+    if len(starts) == 1:
+        return True
+    radius = _spectral_radius(pairs.values)
+    if process.steps > starts[-1]:
+        block = process.ritz_pairs(first=starts[-1])
+        block_k = min(k, block.values.size)
+        return _converged(block, block_k, tol, want_largest, want_smallest, radius=radius)
+    closed = process.ritz_pairs(first=starts[-2], last=starts[-1]).values
+    margin = tol * radius
+    ordered = pairs.values
+    if want_largest and np.any(closed > ordered[-k] + margin):
+        return False
+    return not (want_smallest and np.any(closed < ordered[k - 1] - margin))
 
 
 def _converged(
-    pairs: RitzPairs, k: int, tol: float, want_largest: bool, want_smallest: bool
+    pairs: RitzPairs,
+    k: int,
+    tol: float,
+    want_largest: bool,
+    want_smallest: bool,
+    radius: float | None = None,
 ) -> bool:
     if pairs.values.size < k:
         return False
-    threshold = tol * _spectral_radius(pairs.values)
+    threshold = tol * (_spectral_radius(pairs.values) if radius is None else radius)
     ends = []
     if want_largest:
         ends.append(pairs.residuals[-k:])
@@ -220,7 +270,7 @@ def _result(
     process: LanczosProcess,
     pairs: RitzPairs,
     k: int,
-    tol: float,
+    converged: bool,
     want_largest: bool,
     want_smallest: bool,
 ) -> EigenResult:
@@ -250,5 +300,5 @@ def _result(
         ritz_values=torch.from_numpy(pairs.values.copy()),
         spectral_radius=_spectral_radius(pairs.values),
         num_hvps=process.steps,
-        converged=_converged(pairs, k, tol, want_largest, want_smallest),
+        converged=converged,
     )
