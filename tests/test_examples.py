@@ -1,0 +1,39 @@
+"""The runnable examples work end to end (in a fast mode)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=ROOT,
+    )
+
+
+@pytest.mark.slow
+def test_curvature_quickstart_tells_a_saddle_from_a_minimum() -> None:
+    result = run("examples/curvature_quickstart.py", "--steps", "20", "--every", "10")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert any("deep linear net" in line and "saddle point" in line for line in lines)
+    assert any("linear regression" in line and "minimum" in line for line in lines)
+    assert "Spectral density" in result.stdout
+    assert "Warning" not in result.stderr
+
+
+def test_curvature_quickstart_rejects_bad_arguments() -> None:
+    result = run("examples/curvature_quickstart.py", "--every", "0")
+    assert result.returncode == 2
+    assert "--every >= 1" in result.stderr
