@@ -77,7 +77,7 @@ def train_with_curvature(args: argparse.Namespace, console: Console) -> nn.Modul
                 v0=None if previous is None else previous.warm_start(),
             )
             trace = hessian_trace(model, loss_fn, probe, num_hvps=30)
-            largest, smallest = float(eig.largest[0]), float(eig.smallest[0])
+            largest, smallest = _extremes(eig)
             with torch.no_grad():
                 loss = float(loss_fn(model, probe))
             table.add_row(
@@ -146,9 +146,14 @@ def saddle_versus_minimum(console: Console) -> None:
     console.print(table)
 
 
+def _extremes(result: EigenResult) -> tuple[float, float]:
+    assert result.largest is not None and result.smallest is not None  # which="both"
+    return float(result.largest[0]), float(result.smallest[0])
+
+
 def _verdict(result: EigenResult) -> tuple[str, str, str]:
-    largest, smallest = float(result.largest[0]), float(result.smallest[0])
-    # The guide's relative threshold: negative curvature counts once it exceeds 1% of lambda_max.
+    largest, smallest = _extremes(result)
+    # A relative threshold: the near-zero bulk of small negative eigenvalues is not a saddle.
     verdict = "saddle point" if smallest < -0.01 * largest else "minimum"
     return f"{largest:.4f}", f"{smallest:+.4f}", verdict
 
