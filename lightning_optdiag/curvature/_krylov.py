@@ -17,6 +17,7 @@ DEFAULT_SEED = 0
 # An off-diagonal below this multiple of eps * ||T|| means the Krylov space is (numerically)
 # invariant: the next basis vector would be rounding noise.
 _BREAKDOWN_FACTOR = 100.0
+_INITIAL_ROWS = 16
 
 
 def default_generator(generator: torch.Generator | None) -> torch.Generator:
@@ -81,8 +82,12 @@ class LanczosProcess:
         self._operator = operator
         self._generator = generator
         self._capacity = min(capacity, operator.size)
+        # Rows are allocated as the basis grows: most runs stop long before their capacity, and
+        # each row is as large as the model.
         self.basis = torch.empty(
-            (self._capacity, operator.size), dtype=operator.dtype, device=operator.device
+            (min(_INITIAL_ROWS, self._capacity), operator.size),
+            dtype=operator.dtype,
+            device=operator.device,
         )
         self.basis[0] = start / torch.linalg.vector_norm(start)
         self.alphas: list[float] = []
@@ -124,7 +129,7 @@ class LanczosProcess:
         eps = torch.finfo(self._operator.dtype).eps
         if beta_value > _BREAKDOWN_FACTOR * eps * self._scale:
             self.betas.append(beta_value)
-            self.basis[j + 1] = w / beta_value
+            self._set_row(j + 1, w / beta_value)
             return True
         self.betas.append(0.0)
         return restart_on_breakdown and self._restart(j + 1)
@@ -148,6 +153,14 @@ class LanczosProcess:
         weights = torch.as_tensor(coefficients.T, dtype=self.basis.dtype, device=self.basis.device)
         return weights @ self.basis[: self.steps]
 
+    def _set_row(self, index: int, vector: Tensor) -> None:
+        if index >= self.basis.shape[0]:
+            rows = min(2 * self.basis.shape[0], self._capacity)
+            grown = self.basis.new_empty((rows, self.basis.shape[1]))
+            grown[:index] = self.basis[:index]
+            self.basis = grown
+        self.basis[index] = vector
+
     def _orthogonalize(self, vector: Tensor, count: int) -> Tensor:
         basis = self.basis[:count]
         for _ in range(2):
@@ -161,6 +174,6 @@ class LanczosProcess:
         norm = float(torch.linalg.vector_norm(fresh))
         if norm <= 1e-3:  # the basis already spans (numerically) the whole space
             return False
-        self.basis[index] = fresh / norm
+        self._set_row(index, fresh / norm)
         self.block_starts.append(index)
         return True
