@@ -147,7 +147,8 @@ def saddle_versus_minimum(console: Console) -> None:
 
 
 def _extremes(result: EigenResult) -> tuple[float, float]:
-    assert result.largest is not None and result.smallest is not None  # which="both"
+    assert result.largest is not None
+    assert result.smallest is not None
     return float(result.largest[0]), float(result.smallest[0])
 
 

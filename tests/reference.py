@@ -18,8 +18,9 @@ def dense_hessian(
 ) -> Tensor:
     """The exact Hessian over the named parameters (default: all trainable), via torch.func.
 
-    Buffers are passed as clones so that BatchNorm in train mode uses the same batch statistics
-    without touching the model's running statistics.
+    Only for models without normalisation layers: on torch 2.13, torch.func.hessian returns
+    wrong, non-symmetric Hessians through batch_norm and layer_norm when both their input and
+    their weight depend on the parameters (test_operator.py writes those layers out instead).
     """
     named = dict(model.named_parameters())
     names = [n for n, p in named.items() if p.requires_grad] if names is None else names

@@ -10,6 +10,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._pytree import tree_map
 
 from lightning_optdiag.curvature.isolation import isolated_forward
 
@@ -69,8 +70,9 @@ class HessianOperator:
 
     Args:
         model: the module whose loss is differentiated.
-        loss_fn: ``loss_fn(model, batch)`` returning a finite scalar tensor.
-        batch: passed to ``loss_fn`` unchanged.
+        loss_fn: ``loss_fn(model, batch)`` returning a finite scalar (one-element) tensor.
+        batch: passed to ``loss_fn`` (inference-mode tensors in it are cloned, since autograd
+            cannot use them).
         params: the parameters to take the Hessian over. ``None`` (default) takes every trainable
             parameter; otherwise a submodule of ``model``, a parameter, a name, or an iterable of
             parameters and names. A name selects the parameter of that name or, as a prefix, all
@@ -172,10 +174,12 @@ class HessianOperator:
 
         Raises:
             RuntimeError: the operator was closed.
+            TypeError: ``vector`` is not a tensor.
             ValueError: ``vector`` has the wrong shape.
         """
-        if self._closed:
-            raise RuntimeError("HessianOperator is closed; build a new one to compute products")
+        self._check_open()
+        if not isinstance(vector, Tensor):
+            raise TypeError(f"Invalid vector: expected a tensor, got {type(vector).__name__}")
         if vector.shape != (self._size,):
             raise ValueError(
                 f"Invalid vector: shape {tuple(vector.shape)} (expected ({self._size},), "
@@ -196,15 +200,22 @@ class HessianOperator:
             torch.zeros_like(param, dtype=self._dtype) if piece is None else piece.to(self._dtype)
             for param, piece in zip(self._params, hv, strict=True)
         ]
-        self._num_hvps += 1
         flat = torch.cat([piece.reshape(-1) for piece in product])
-        return flat if self._hvp_reduce is None else self._hvp_reduce(flat)
+        if self._hvp_reduce is not None:
+            flat = self._hvp_reduce(flat)
+        self._num_hvps += 1
+        return flat
 
     __matmul__ = matvec
 
     # ---------------------------------------------------------------------------------- utilities
     def gradient(self) -> Tensor:
-        """The loss gradient as a flat vector (local to this process, never reduced)."""
+        """The loss gradient as a flat vector (local to this process, never reduced).
+
+        Raises:
+            RuntimeError: the operator was closed.
+        """
+        self._check_open()
         return torch.cat(
             [
                 torch.zeros(numel, dtype=self._dtype, device=self._device)
@@ -236,6 +247,10 @@ class HessianOperator:
             (self._size, self._size), matvec=matvec, rmatvec=matvec, dtype=np.float64
         )
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("HessianOperator is closed; build a new one to compute products")
+
     def close(self) -> None:
         """Release the retained autograd graph. Further products raise ``RuntimeError``."""
         self._grads = []
@@ -262,9 +277,11 @@ class HessianOperator:
     ) -> tuple[float, list[Tensor | None]]:
         with ExitStack() as stack:
             stack.enter_context(isolated_forward(model))
+            # Lightning validates under inference mode: curvature needs autograd regardless.
+            stack.enter_context(torch.inference_mode(False))
             stack.enter_context(torch.enable_grad())
             stack.enter_context(sdpa_kernel(SDPBackend.MATH))
-            loss = loss_fn(model, batch)
+            loss = loss_fn(model, _usable_in_autograd(batch))
             value = _validated_loss_value(loss)
             if not loss.requires_grad:
                 raise ValueError(
@@ -278,6 +295,15 @@ class HessianOperator:
                 f"({_summarize(self._names)})"
             )
         return value, list(grads)
+
+
+def _usable_in_autograd(batch: Any) -> Any:
+    """Clone the inference-mode tensors of ``batch``: autograd cannot save them for backward."""
+
+    def usable(leaf: Any) -> Any:
+        return leaf.clone() if isinstance(leaf, Tensor) and leaf.is_inference() else leaf
+
+    return tree_map(usable, batch)
 
 
 def select_parameters(model: nn.Module, params: ParamSelection) -> list[tuple[str, nn.Parameter]]:
@@ -297,7 +323,9 @@ def select_parameters(model: nn.Module, params: ParamSelection) -> list[tuple[st
     if params is None:
         chosen = all_named
     else:
-        wanted = _selected_ids(model, all_named, params)
+        # Tied parameters appear once in named_parameters(); every alias is a valid name.
+        aliases = list(model.named_parameters(remove_duplicate=False))
+        wanted = _selected_ids(model, aliases, params)
         chosen = [(name, param) for name, param in all_named if id(param) in wanted]
     trainable = [(name, param) for name, param in chosen if param.requires_grad]
     if not trainable:
@@ -313,6 +341,11 @@ def _selected_ids(
     model: nn.Module, all_named: list[tuple[str, nn.Parameter]], params: ParamSelection
 ) -> set[int]:
     items: Sequence[Any]
+    if isinstance(params, Tensor) and not isinstance(params, nn.Parameter):
+        raise TypeError(
+            "Invalid params: a plain tensor (expected None, a submodule, a parameter, a name, "
+            "or an iterable of parameters and names)"
+        )
     if isinstance(params, nn.Module | str | nn.Parameter):
         items = [params]
     elif isinstance(params, Iterable):
@@ -378,7 +411,7 @@ def _validated_loss_value(loss: Any) -> float:
         raise TypeError(
             f"Invalid loss: loss_fn must return a scalar tensor, got {type(loss).__name__}"
         )
-    if loss.numel() != 1 or loss.dim() > 1:
+    if loss.numel() != 1:
         raise ValueError(
             f"Invalid loss: loss_fn must return a scalar tensor, got shape {tuple(loss.shape)} "
             "(reduce it, e.g. with .mean())"

@@ -104,7 +104,8 @@ def test_density_peaks_at_an_isolated_eigenvalue_cluster() -> None:
         DenseOperator(planted_matrix(spectrum)), num_probes=8, num_steps=20
     )
     near = density.evaluate(torch.tensor([0.0, 2.0, 4.0]), sigma=0.1)
-    assert float(near[0]) > 10 * float(near[1]) and float(near[2]) > 10 * float(near[1])
+    assert float(near[0]) > 10 * float(near[1])
+    assert float(near[2]) > 10 * float(near[1])
     assert float(near[0]) > float(near[2])  # three times as many eigenvalues near 0
     mass_high = float(density.weights[density.nodes > 2.0].sum())
     assert mass_high == pytest.approx(0.25, abs=0.1)
