@@ -99,7 +99,11 @@ def hessian_eigenvalues(
     Like every Krylov method, Lanczos sees only what its start vector reaches: a random start
     reaches everything, a warm start mostly the span of ``v0``. A new outlier nearly orthogonal
     to ``v0`` can therefore be missed by a warm-started call; start cold from time to time.
-    Repeated eigenvalues are resolved through restarts when the Krylov space closes.
+    For the same reason a single start vector sees one copy of an exactly repeated eigenvalue:
+    further copies are found only when the Krylov space closes (the run then restarts in the
+    orthogonal complement), so with ``k >= 2`` the reported values can miss copies of a
+    multiple eigenvalue. Exact multiplicities are rare in trained networks; they occur at
+    symmetric points such as identical hidden units.
 
     The model is left exactly as it was: see :class:`HessianOperator`.
 
