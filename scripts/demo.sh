@@ -4,4 +4,4 @@ set -euo pipefail
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$repo_root/scripts/bootstrap.sh" ""
 cd "$repo_root"
-exec "$venv/bin/python" examples/curvature_quickstart.py "$@"
+exec "$venv/bin/optdiag" demo "$@"

@@ -107,6 +107,8 @@ class GradientMonitor(Callback):
         min_history: steps of history needed before spikes are flagged.
         vanishing_ratio: a layer whose norm is below this fraction of the median layer norm is
             vanishing.
+        vanishing_patience: consecutive steps below (above) the threshold before a layer is
+            flagged (cleared).
         histogram_every_n_steps: interval of gradient and weight histograms (TensorBoard only);
             ``None`` (default) disables them.
 
@@ -135,6 +137,7 @@ class GradientMonitor(Callback):
         spike_window: int = 100,
         min_history: int = 10,
         vanishing_ratio: float = 1e-3,
+        vanishing_patience: int = 5,
         histogram_every_n_steps: int | None = None,
     ) -> None:
         super().__init__()
@@ -155,6 +158,7 @@ class GradientMonitor(Callback):
         self.vanishing_ratio = check_float(
             "vanishing_ratio", vanishing_ratio, minimum=0.0, maximum=1.0, exclusive_minimum=True
         )
+        self.vanishing_patience = check_int("vanishing_patience", vanishing_patience, minimum=1)
         if histogram_every_n_steps is not None:
             check_int("histogram_every_n_steps", histogram_every_n_steps, minimum=1)
         self.histogram_every_n_steps = histogram_every_n_steps
@@ -162,6 +166,7 @@ class GradientMonitor(Callback):
         self.events: list[GradientEvent] = []
         self._medians: dict[int, RunningMedian] = {}
         self._vanishing: dict[int, set[str]] = {}
+        self._streaks: dict[int, dict[str, int]] = {}
         self._snapshots: dict[int, tuple[int, tuple[str, ...], list[Tensor]]] = {}
         self._groupings: dict[tuple[str, ...], tuple[tuple[str, ...], np.ndarray]] = {}
 
@@ -221,8 +226,9 @@ class GradientMonitor(Callback):
             )
         if math.isfinite(reading.total):
             median.add(reading.total)
-        vanishing = self._vanishing_layers(layers)
-        self._record_vanishing(reading.step, index, layers, vanishing)
+        vanishing = self._record_vanishing(
+            reading.step, index, layers, self._vanishing_layers(layers)
+        )
         return GradientStats(
             step=reading.step,
             optimizer_index=index,
@@ -273,12 +279,21 @@ class GradientMonitor(Callback):
         return {name for name, value in layers.items() if value < self.vanishing_ratio * reference}
 
     def _record_vanishing(
-        self, step: int, index: int, layers: dict[str, float], vanishing: set[str]
-    ) -> None:
-        previous = self._vanishing.get(index, set())
+        self, step: int, index: int, layers: dict[str, float], below: set[str]
+    ) -> set[str]:
+        """Flag layers below the threshold for ``vanishing_patience`` steps in a row, and clear
+        them after as many steps above it, so that a transient dip is not an event."""
+        flagged = self._vanishing.setdefault(index, set())
+        streaks = self._streaks.setdefault(index, {})
+        for name in layers:
+            changes_state = (name in below) != (name in flagged)
+            streaks[name] = streaks.get(name, 0) + 1 if changes_state else 0
+        started = {n for n in below - flagged if streaks[n] >= self.vanishing_patience}
+        cleared = {
+            n for n in flagged - below if n in layers and streaks[n] >= self.vanishing_patience
+        }
         finite = [value for value in layers.values() if math.isfinite(value)]
         reference = float(np.median(finite)) if finite else float("nan")
-        started, cleared = vanishing - previous, previous - vanishing
         if started:
             smallest = min(layers[name] for name in started)
             self.events.append(
@@ -290,7 +305,11 @@ class GradientMonitor(Callback):
                     "vanishing_cleared", step, index, float("nan"), reference, sorted(cleared)
                 )
             )
-        self._vanishing[index] = vanishing
+        for name in started | cleared:
+            streaks[name] = 0
+        flagged |= started
+        flagged -= cleared
+        return set(flagged)
 
     def _update_consumer(
         self, trainer: Trainer, index: int, step: int, names: tuple[str, ...]
@@ -353,6 +372,7 @@ class GradientMonitor(Callback):
         return {
             "medians": {index: median.state_dict() for index, median in self._medians.items()},
             "vanishing": {index: sorted(names) for index, names in self._vanishing.items()},
+            "streaks": {index: dict(streaks) for index, streaks in self._streaks.items()},
             "events": [asdict(event) for event in self.events],
         }
 
@@ -365,6 +385,10 @@ class GradientMonitor(Callback):
             self._medians[int(index)] = median
         self._vanishing = {
             int(index): set(names) for index, names in state_dict["vanishing"].items()
+        }
+        self._streaks = {
+            int(index): {str(k): int(v) for k, v in streaks.items()}
+            for index, streaks in state_dict.get("streaks", {}).items()
         }
         self.events = [GradientEvent(**event) for event in state_dict["events"]]
 

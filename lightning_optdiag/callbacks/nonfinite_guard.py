@@ -208,10 +208,16 @@ class NonFiniteGuard(Callback):
             return
         names = _confirmed_nonfinite(reading.names, reading.norms, reading.params)
         kind = "loss" if bad_loss else "gradient"
-        what = "the loss" if bad_loss else "gradients"
-        detail = f"non-finite {what} at step {step}" + (
-            f" in {', '.join(names[:5])}" if names else ""
-        )
+        detail = f"non-finite {kind} at step {step}"
+        if names:
+            detail += f"; non-finite gradients in {_shorten(names)}"
+        elif not bad_loss:
+            # Finite gradients whose squared norm overflows: an explosion, about to corrupt weights.
+            names = list(nonfinite_names(reading.names, reading.norms))
+            detail = (
+                f"gradient norm overflow at step {step}: finite gradients beyond float32 range "
+                f"in {_shorten(names)}"
+            )
         self._fail(trainer, pl_module, optimizer, NonFiniteEvent(step, kind, names, detail=detail))
 
     @override
@@ -297,6 +303,8 @@ class NonFiniteGuard(Callback):
             event.module = self._locate(trainer, pl_module)
             if event.module is not None:
                 event.detail += f"; first non-finite forward output: {event.module}"
+            elif event.kind == "loss" and pl_module.automatic_optimization:
+                event.detail += "; every module output was finite: the loss computation overflowed"
         if self.action == "skip":
             self._drop_gradients(optimizer)
             self.skipped_steps += 1
@@ -395,6 +403,11 @@ class NonFiniteGuard(Callback):
         self.skipped_steps = state_dict["skipped_steps"]
         self._consecutive_skips = state_dict["consecutive_skips"]
         self._consecutive_scaler_skips = state_dict["consecutive_scaler_skips"]
+
+
+def _shorten(names: list[str], limit: int = 5) -> str:
+    more = len(names) - limit
+    return ", ".join(names[:limit]) + (f" and {more} more" if more > 0 else "")
 
 
 def _grad_scaler(trainer: Trainer) -> Any:
