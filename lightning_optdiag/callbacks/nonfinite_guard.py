@@ -187,22 +187,20 @@ class NonFiniteGuard(Callback):
         step = trainer.global_step
         reading = hub_for(trainer).gradient_reading(pl_module, optimizer, step, 2.0)
         bad_loss = step in self._bad_loss_steps
+        self._bad_loss_steps.clear()  # losses of earlier steps no optimizer step followed are moot
         bad_grads = not math.isfinite(reading.total)
+        if trainer.world_size > 1:
+            bad_loss, bad_grads = _any_process(trainer, bad_loss, bad_grads)
         scaler = _grad_scaler(trainer)
         if bad_grads and not bad_loss and scaler is not None:
             self._scaler_overflow(trainer, pl_module, scaler, step)
             return
         if scaler is not None:
             self._consecutive_scaler_skips = 0
-        failed = bad_loss or bad_grads
-        if trainer.world_size > 1:
-            failed = trainer.strategy.reduce_boolean_decision(failed, all=False)
-        if not failed:
+        if not (bad_loss or bad_grads):
             self._consecutive_skips = 0
-            self._bad_loss_steps.discard(step)
             self._active.clear()
             return
-        self._bad_loss_steps.discard(step)
         if self._check_parameters(trainer, pl_module, step - 1):
             self._drop_gradients(optimizer)  # a step from non-finite weights only spreads them
             return
@@ -408,6 +406,14 @@ class NonFiniteGuard(Callback):
 def _shorten(names: list[str], limit: int = 5) -> str:
     more = len(names) - limit
     return ", ".join(names[:limit]) + (f" and {more} more" if more > 0 else "")
+
+
+def _any_process(trainer: Trainer, *flags: bool) -> tuple[bool, ...]:
+    """Whether each flag is set on any process: one collective, taken by every process at the
+    same point of every step, so that all of them branch alike (and none waits forever)."""
+    local = torch.tensor([float(flag) for flag in flags], device=trainer.strategy.root_device)
+    total = trainer.strategy.reduce(local, reduce_op="sum")
+    return tuple(bool(value > 0) for value in total.tolist())
 
 
 def _grad_scaler(trainer: Trainer) -> Any:
