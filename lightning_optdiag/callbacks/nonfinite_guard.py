@@ -81,13 +81,17 @@ class NonFiniteGuard(Callback):
 
     Args:
         action: ``"warn"`` (default) records the event and warns; ``"skip"`` drops the step (the
-            gradients are discarded so no parameter or optimizer state changes; learning-rate
-            schedulers still step); ``"raise"`` stops training with :class:`NonFiniteError`.
+            gradients are discarded so no parameter or optimizer state changes, and buffers such
+            as BatchNorm statistics are put back as they were before the step's forward passes;
+            learning-rate schedulers still step); ``"raise"`` stops training with
+            :class:`NonFiniteError`.
             Non-finite parameters or optimizer state cannot be undone: with ``"skip"`` they are
             reported like ``"warn"``.
-        locate: replay the offending batch through ``training_step`` (with forward hooks, under
-            no_grad, logging muted, state isolated) to name the first module whose output went
-            non-finite. Only with automatic optimization. Costs nothing on healthy steps.
+        locate: replay the step's batches through ``training_step`` (with forward hooks, under
+            no_grad, logging muted, buffers, modes and RNG isolated) to name the first module
+            whose output went non-finite. Only with automatic optimization; side effects of
+            ``training_step`` beyond those (appending to a list, counters) happen again. Costs
+            nothing on healthy steps.
         lr_backoff: with ``"skip"``, multiply every learning rate of the optimizer by this
             factor after ``backoff_after`` consecutive skips (``None``: never). A scheduler that
             recomputes learning rates from its base values will override it.
@@ -156,7 +160,12 @@ class NonFiniteGuard(Callback):
         self._consecutive_skips = 0
         self._consecutive_scaler_skips = 0
         self._bad_loss_steps: set[int] = set()
-        self._batch: tuple[Any, int] | None = None
+        # The micro-batches of the current optimizer step, and (action="skip") a copy of the
+        # module's buffers from before them.
+        self._batches: list[tuple[Any, int]] = []
+        self._batches_step = -1
+        self._buffers: list[Tensor] = []
+        self._clip_val: Any = None
         # Kinds of failure under way: with action="warn" each is reported when it appears, not
         # on every following step.
         self._active: set[str] = set()
@@ -166,7 +175,13 @@ class NonFiniteGuard(Callback):
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._batch = (batch, batch_idx)  # a reference, for locate=True replays
+        if trainer.global_step != self._batches_step:
+            self._batches, self._batches_step = [], trainer.global_step
+            if self.action == "skip":
+                # A skipped step must not keep what its forward passes wrote into buffers
+                # (BatchNorm statistics of a NaN batch): keep a copy to put back.
+                self._buffers = [b.detach().clone() for b in pl_module.buffers()]
+        self._batches.append((batch, batch_idx))  # references, for locate=True replays
 
     @override
     def on_before_backward(
@@ -186,7 +201,8 @@ class NonFiniteGuard(Callback):
     ) -> None:
         step = trainer.global_step
         reading = hub_for(trainer).gradient_reading(pl_module, optimizer, step, 2.0)
-        bad_loss = step in self._bad_loss_steps
+        self._restore_clipping(trainer)
+        local_bad_loss = bad_loss = step in self._bad_loss_steps
         self._bad_loss_steps.clear()  # losses of earlier steps no optimizer step followed are moot
         bad_grads = not math.isfinite(reading.total)
         if trainer.world_size > 1:
@@ -197,16 +213,21 @@ class NonFiniteGuard(Callback):
             return
         if scaler is not None:
             self._consecutive_scaler_skips = 0
+            self._active.discard("scaler")
         if not (bad_loss or bad_grads):
             self._consecutive_skips = 0
-            self._active.clear()
+            self._active -= {"loss", "gradient"}
             return
         if self._check_parameters(trainer, pl_module, step - 1):
-            self._drop_gradients(optimizer)  # a step from non-finite weights only spreads them
+            # A step from non-finite weights only spreads them: with "skip", drop it too.
+            if self.action == "skip":
+                self._skip(trainer, pl_module, optimizer, f"non-finite parameters at step {step}")
             return
         names = _confirmed_nonfinite(reading.names, reading.norms, reading.params)
         kind = "loss" if bad_loss else "gradient"
         detail = f"non-finite {kind} at step {step}"
+        if bad_loss and not local_bad_loss:
+            detail += " (on another process)"
         if names:
             detail += f"; non-finite gradients in {_shorten(names)}"
         elif not bad_loss:
@@ -222,7 +243,7 @@ class NonFiniteGuard(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._batch = None
+        self._restore_clipping(trainer)
         step = trainer.global_step - 1  # the optimizer step that just completed
         if step < 0 or step % self.check_state_every_n_steps:
             return
@@ -242,14 +263,20 @@ class NonFiniteGuard(Callback):
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._restore_clipping(trainer)
+        step = trainer.global_step - 1
+        state = _state_tensors(trainer.optimizers)
+        if state and step % self.check_state_every_n_steps:  # the last step's state, if unchecked
+            hub_for(trainer).defer(tensor_norms(state).sum(), self._state_consumer(trainer, step))
         hub_for(trainer).flush()
-        self._check_parameters(trainer, pl_module, trainer.global_step - 1)
+        self._check_parameters(trainer, pl_module, step)
 
     # -------------------------------------------------------------------------------- checks
     def _check_parameters(self, trainer: Trainer, pl_module: LightningModule, step: int) -> bool:
         """Report non-finite parameters (they went bad in the update of ``step``)."""
         params = [p.detach() for p in pl_module.parameters() if p.requires_grad]
         if not params or math.isfinite(float(tensor_norms(params).sum())):
+            self._active.discard("parameter")
             return False
         bad = [n for n, p in pl_module.named_parameters() if not bool(torch.isfinite(p).all())]
         if not bad:
@@ -261,6 +288,7 @@ class NonFiniteGuard(Callback):
     def _state_consumer(self, trainer: Trainer, step: int) -> Any:
         def consume(values: np.ndarray) -> None:
             if np.all(np.isfinite(values)):
+                self._active.discard("optimizer_state")
                 return
             bad = _nonfinite_state_owners(trainer)
             if not bad:
@@ -283,6 +311,7 @@ class NonFiniteGuard(Callback):
             self._consecutive_scaler_skips < self.max_scaler_skips
             and next_scale >= self.min_loss_scale
         ):
+            self._active.discard("scaler")
             return
         detail = (
             f"the fp16 GradScaler skipped {self._consecutive_scaler_skips} steps in a row "
@@ -304,27 +333,36 @@ class NonFiniteGuard(Callback):
             elif event.kind == "loss" and pl_module.automatic_optimization:
                 event.detail += "; every module output was finite: the loss computation overflowed"
         if self.action == "skip":
-            self._drop_gradients(optimizer)
-            self.skipped_steps += 1
-            self._consecutive_skips += 1
             event.action = "skipped"
             self.events.append(event)
             rank_zero_warn(f"NonFiniteGuard: {event.detail}; step skipped")
-            self._maybe_back_off(optimizer, event.step)
-            if self._consecutive_skips >= self.max_consecutive_skips:
-                raise NonFiniteError(
-                    f"NonFiniteGuard: {self._consecutive_skips} consecutive steps skipped "
-                    f"(last: {event.detail})"
-                )
+            self._skip(trainer, pl_module, optimizer, event.detail)
             return
         self._report(trainer, event, undoable=True)
 
-    def _drop_gradients(self, optimizer: Optimizer) -> None:
-        if self.action != "skip":
-            return
+    def _skip(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer, why: str
+    ) -> None:
+        """Drop the step: no gradient reaches the optimizer, buffers are put back."""
         for group in optimizer.param_groups:
             for param in group["params"]:
                 param.grad = None  # optimizers leave parameters without a gradient untouched
+        if self._buffers:
+            torch._foreach_copy_([b for b in pl_module.buffers()], self._buffers)
+        # torch's clip_grad_value_ fails on a list without gradients: no clipping this step.
+        if trainer.gradient_clip_val:
+            self._clip_val, trainer.gradient_clip_val = trainer.gradient_clip_val, None
+        self.skipped_steps += 1
+        self._consecutive_skips += 1
+        self._maybe_back_off(optimizer, trainer.global_step)
+        if self._consecutive_skips >= self.max_consecutive_skips:
+            raise NonFiniteError(
+                f"NonFiniteGuard: {self._consecutive_skips} consecutive steps skipped (last: {why})"
+            )
+
+    def _restore_clipping(self, trainer: Trainer) -> None:
+        if self._clip_val is not None:
+            trainer.gradient_clip_val, self._clip_val = self._clip_val, None
 
     def _report(self, trainer: Trainer, event: NonFiniteEvent, undoable: bool) -> None:
         if event.kind in self._active and self.action != "raise":
@@ -351,9 +389,8 @@ class NonFiniteGuard(Callback):
         )
 
     def _locate(self, trainer: Trainer, pl_module: LightningModule) -> str | None:
-        if self._batch is None or not pl_module.automatic_optimization:
+        if not self._batches or not pl_module.automatic_optimization:
             return None
-        batch, batch_idx = self._batch
         found: list[str] = []
 
         def hook(name: str) -> Any:
@@ -373,7 +410,10 @@ class NonFiniteGuard(Callback):
                 trainer.precision_plugin.forward_context(),
                 _muted_logging(pl_module),
             ):
-                pl_module.training_step(batch, batch_idx)
+                for batch, batch_idx in self._batches:  # every micro-batch of the step
+                    pl_module.training_step(batch, batch_idx)
+                    if found:
+                        break
         except Exception as error:  # a replay must never take training down
             rank_zero_warn(
                 f"NonFiniteGuard: could not replay the batch to locate the module ({error})"
@@ -440,7 +480,7 @@ def _state_tensors(optimizers: list[Optimizer]) -> list[Tensor]:
         for optimizer in optimizers
         for state in optimizer.state.values()
         for value in state.values()
-        if isinstance(value, Tensor) and value.is_floating_point() and value.numel() > 1
+        if isinstance(value, Tensor) and value.is_floating_point() and value.dim() > 0
     ]
 
 
