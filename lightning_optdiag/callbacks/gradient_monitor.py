@@ -38,8 +38,9 @@ class GradientStats:
         spike: whether ``total`` exceeded ``spike_factor`` times that median.
         vanishing: layers whose gradient norm fell below ``vanishing_ratio`` times the median
             layer norm.
-        update_ratios: ``||delta theta|| / ||theta||`` per layer across the last measured
-            optimizer step (measured on logging steps only; ``None`` before the first).
+        update_ratios: ``||delta theta|| / ||theta||`` per layer across the latest measured
+            optimizer step (measured on logging steps only, read with the following step;
+            ``None`` before the first).
         param_norms: parameter norm per layer at the same time as ``update_ratios``.
     """
 
@@ -111,6 +112,8 @@ class GradientMonitor(Callback):
             flagged (cleared).
         histogram_every_n_steps: interval of gradient and weight histograms (TensorBoard only);
             ``None`` (default) disables them.
+        update_ratio: measure ``||delta theta|| / ||theta||`` on logging steps; it needs a copy
+            of the parameters across the optimizer step (set ``False`` to save that memory).
 
     Raises:
         TypeError: an argument has the wrong type.
@@ -139,6 +142,7 @@ class GradientMonitor(Callback):
         vanishing_ratio: float = 1e-3,
         vanishing_patience: int = 5,
         histogram_every_n_steps: int | None = None,
+        update_ratio: bool = True,
     ) -> None:
         super().__init__()
         if log_every_n_steps is not None:
@@ -162,6 +166,9 @@ class GradientMonitor(Callback):
         if histogram_every_n_steps is not None:
             check_int("histogram_every_n_steps", histogram_every_n_steps, minimum=1)
         self.histogram_every_n_steps = histogram_every_n_steps
+        if not isinstance(update_ratio, bool):
+            raise TypeError(f"Invalid update_ratio: {update_ratio!r} (expected a bool)")
+        self.update_ratio = update_ratio
         self.latest: dict[int, GradientStats] = {}
         self.events: list[GradientEvent] = []
         self._medians: dict[int, RunningMedian] = {}
@@ -169,6 +176,7 @@ class GradientMonitor(Callback):
         self._streaks: dict[int, dict[str, int]] = {}
         self._snapshots: dict[int, tuple[int, tuple[str, ...], list[Tensor]]] = {}
         self._groupings: dict[tuple[str, ...], tuple[tuple[str, ...], np.ndarray]] = {}
+        self._counts: dict[int, int] = {}
 
     # ------------------------------------------------------------------------------------ hooks
     @override
@@ -177,17 +185,25 @@ class GradientMonitor(Callback):
     ) -> None:
         index = _optimizer_index(trainer, optimizer)
         step = trainer.global_step
+        previous = self.latest.get(index)
+        if previous is not None and previous.step == step:
+            return  # a closure re-evaluated within one step (LBFGS): measured already
         reading = hub_for(trainer).gradient_reading(pl_module, optimizer, step, self.norm_type)
-        stats = self._analyse(reading, index)
+        stats = self._analyse(reading, index, previous)
         self.latest[index] = stats
-        if self._is_logging_step(trainer, step):
+        # Each optimizer counts its own steps: with manual optimization several optimizers share
+        # global_step, and a common interval could always fall on the same one.
+        count = self._counts.get(index, 0)
+        self._counts[index] = count + 1
+        if count % self._interval(trainer) == 0:
             self._log(trainer, self._metrics(stats, len(trainer.optimizers)), step)
-            self._snapshots[index] = (
-                step,
-                reading.names,
-                [param.detach().clone() for param in reading.params],
-            )
-        if self.histogram_every_n_steps and step % self.histogram_every_n_steps == 0:
+            if self.update_ratio:
+                self._snapshots[index] = (
+                    step,
+                    reading.names,
+                    [param.detach().clone() for param in reading.params],
+                )
+        if self.histogram_every_n_steps and count % self.histogram_every_n_steps == 0:
             self._histograms(trainer, reading, step)
 
     @override
@@ -211,7 +227,9 @@ class GradientMonitor(Callback):
         hub_for(trainer).flush()
 
     # ------------------------------------------------------------------------------- analysis
-    def _analyse(self, reading: GradientReading, index: int) -> GradientStats:
+    def _analyse(
+        self, reading: GradientReading, index: int, previous: GradientStats | None
+    ) -> GradientStats:
         layers = self._group(reading.names, reading.norms)
         median = self._medians.setdefault(index, RunningMedian(self.spike_window))
         reference = median.median
@@ -237,6 +255,9 @@ class GradientMonitor(Callback):
             median_total=reference,
             spike=spike,
             vanishing=sorted(vanishing),
+            # The update ratios are measured on logging steps only: keep the latest measurement.
+            update_ratios=None if previous is None else previous.update_ratios,
+            param_norms=None if previous is None else previous.param_norms,
         )
 
     def _group(self, names: tuple[str, ...], norms: np.ndarray) -> dict[str, float]:
@@ -333,11 +354,10 @@ class GradientMonitor(Callback):
         return consume
 
     # -------------------------------------------------------------------------------- logging
-    def _is_logging_step(self, trainer: Trainer, step: int) -> bool:
-        every = self.log_every_n_steps
-        if every is None:
-            every = int(getattr(trainer, "log_every_n_steps", 50))
-        return step % every == 0
+    def _interval(self, trainer: Trainer) -> int:
+        if self.log_every_n_steps is not None:
+            return self.log_every_n_steps
+        return int(getattr(trainer, "log_every_n_steps", 50))
 
     def _metrics(self, stats: GradientStats, num_optimizers: int) -> dict[str, float]:
         total_key = "total" if num_optimizers == 1 else f"total_optimizer{stats.optimizer_index}"
@@ -360,19 +380,37 @@ class GradientMonitor(Callback):
         for logger in trainer.loggers:
             if not isinstance(logger, TensorBoardLogger):
                 continue
-            for name, param in zip(reading.names, reading.params, strict=True):
-                if self._filter is not None and not self._filter.search(name):
+            _, index = self._grouping(reading.names)
+            for name, param, position in zip(reading.names, reading.params, index, strict=True):
+                if position < 0:  # its layer is filtered out
                     continue
                 logger.experiment.add_histogram(f"{PREFIX}/grad/{name}", param.grad, step)
                 logger.experiment.add_histogram(f"{PREFIX}/weight/{name}", param.detach(), step)
 
     # ---------------------------------------------------------------------------- checkpoints
+    @property
+    @override
+    def state_key(self) -> str:
+        # Several monitors with different settings can share a Trainer (and a checkpoint).
+        return self._generate_state_key(
+            norm_type=self.norm_type,
+            per_parameter=self.per_parameter,
+            layer_filter=self.layer_filter,
+        )
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        hub_for(trainer).flush()  # pending update ratios are logged before a possible stop
+
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "medians": {index: median.state_dict() for index, median in self._medians.items()},
             "vanishing": {index: sorted(names) for index, names in self._vanishing.items()},
             "streaks": {index: dict(streaks) for index, streaks in self._streaks.items()},
+            "counts": dict(self._counts),
             "events": [asdict(event) for event in self.events],
         }
 
@@ -390,12 +428,17 @@ class GradientMonitor(Callback):
             int(index): {str(k): int(v) for k, v in streaks.items()}
             for index, streaks in state_dict.get("streaks", {}).items()
         }
+        self._counts = {int(i): int(c) for i, c in state_dict.get("counts", {}).items()}
         self.events = [GradientEvent(**event) for event in state_dict["events"]]
 
 
 def _check_norm_type(norm_type: Any) -> float:
-    valid = isinstance(norm_type, int | float) and not isinstance(norm_type, bool)
-    if not valid or math.isnan(norm_type) or norm_type <= 0:
+    if isinstance(norm_type, bool) or not isinstance(norm_type, int | float):
+        raise TypeError(
+            f"Invalid norm_type: {norm_type!r} (expected a number > 0, or float('inf'), "
+            f"got {type(norm_type).__name__})"
+        )
+    if math.isnan(norm_type) or norm_type <= 0:
         raise ValueError(
             f"Invalid norm_type: {norm_type!r} (expected a number > 0, or float('inf'))"
         )

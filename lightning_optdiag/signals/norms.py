@@ -17,7 +17,8 @@ __all__ = ["LayerGrouping", "group_norms", "tensor_norms", "total_norm"]
 
 
 def tensor_norms(tensors: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
-    """The ``norm_type``-norm of every tensor, as one float32 vector on the first tensor's device.
+    """The ``norm_type``-norm of every tensor, as one vector on the first tensor's device
+    (float32, or float64 when any tensor is float64).
 
     Uses ``torch._foreach_norm`` per device (the multi-tensor kernel behind
     ``torch.nn.utils.clip_grad_norm_``), so the cost is a handful of kernel launches whatever the
@@ -36,16 +37,37 @@ def tensor_norms(tensors: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
         by_device.setdefault(tensor.device, []).append(index)
     if len(by_device) == 1:
         return _stacked_norms(list(tensors), norm_type)
-    norms = torch.empty(len(tensors), dtype=torch.float32, device=target)
+    norms = torch.empty(
+        len(tensors),
+        dtype=torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32,
+        device=target,
+    )
     for indices in by_device.values():
         values = _stacked_norms([tensors[i] for i in indices], norm_type)
         norms[torch.tensor(indices, device=target)] = values.to(target)
     return norms
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def _stacked_norms(tensors: list[Tensor], norm_type: float) -> Tensor:
-    # Accumulating in float32 keeps half-precision norms above 65504 finite.
-    return torch.stack(torch._foreach_norm(tensors, norm_type, dtype=torch.float32))
+    """Norms in float32 (float64 when a tensor is float64), in one kernel per precision class."""
+    out_dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    half = [i for i, t in enumerate(tensors) if t.dtype in _HALF]
+    if not half:
+        return torch.stack(torch._foreach_norm(tensors, norm_type)).to(out_dtype)
+    full = [i for i, t in enumerate(tensors) if t.dtype not in _HALF]
+    norms = torch.empty(len(tensors), dtype=out_dtype, device=tensors[0].device)
+    # Accumulating half precision in float32 keeps norms above 65504 finite.
+    norms[half] = torch.stack(
+        torch._foreach_norm([tensors[i] for i in half], norm_type, dtype=torch.float32)
+    ).to(out_dtype)
+    if full:
+        norms[full] = torch.stack(torch._foreach_norm([tensors[i] for i in full], norm_type)).to(
+            out_dtype
+        )
+    return norms
 
 
 @dataclass(frozen=True)
