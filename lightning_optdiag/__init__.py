@@ -4,7 +4,10 @@ The package is split so that the numerical core never imports Lightning:
 
 - :mod:`lightning_optdiag.curvature`: Hessian-vector products, Lanczos eigenvalues, trace and
   spectral density estimation (pure PyTorch and SciPy).
+- :mod:`lightning_optdiag.signals`: fused gradient norms and running statistics (pure PyTorch).
 - :mod:`lightning_optdiag.optim`: optimizers torch.optim lacks, and one registry over all of them.
+- :mod:`lightning_optdiag.callbacks`: the Lightning glue (``GradientMonitor``,
+  ``NonFiniteGuard``).
 
 Submodules are imported on first use, so ``import lightning_optdiag`` stays cheap.
 """
@@ -16,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0.dev0"
 
-_SUBMODULES = ("curvature", "optim")
+_SUBMODULES = ("callbacks", "curvature", "optim", "signals")
 
 if TYPE_CHECKING:
-    from lightning_optdiag import curvature, optim
+    from lightning_optdiag import callbacks, curvature, optim, signals
 
 
 def __getattr__(name: str) -> Any:
@@ -28,4 +31,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["__version__", "curvature", "optim"]
+__all__ = ["__version__", "callbacks", "curvature", "optim", "signals"]
