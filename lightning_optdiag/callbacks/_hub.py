@@ -9,6 +9,7 @@ gets the cached reading. On a healthy step that is the only synchronisation optd
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -50,7 +51,9 @@ class SignalHub:
     def __init__(self) -> None:
         self._pending: list[tuple[Tensor, Consumer]] = []
         self._readings: dict[tuple[int, int, float], GradientReading] = {}
-        self._names: dict[int, str] = {}
+        self._layouts: dict[
+            int, tuple[tuple[int, int], tuple[nn.Parameter, ...], tuple[str, ...]]
+        ] = {}
 
     def defer(self, values: Tensor, consumer: Consumer) -> None:
         """Read ``values`` at the next transfer; ``consumer`` gets them flattened, as float64."""
@@ -64,18 +67,16 @@ class SignalHub:
         cached = self._readings.get(key)
         if cached is not None:
             return cached
-        params = tuple(
-            param
-            for group in optimizer.param_groups
-            for param in group["params"]
-            if param.grad is not None
-        )
-        names = tuple(self._name_of(module, param) for param in params)
-        norms = tensor_norms([param.grad for param in params], norm_type)
-        values = self._transfer(norms)
-        norms_host = values[: len(params)]
-        total = float(np.linalg.norm(norms_host, ord=norm_type)) if len(params) else 0.0
-        reading = GradientReading(step, names, params, norms_host, total)
+        params, names = self._layout(module, optimizer)
+        grads = [param.grad for param in params]
+        if any(grad is None for grad in grads):  # parameters this step did not reach
+            keep = [i for i, grad in enumerate(grads) if grad is not None]
+            params = tuple(params[i] for i in keep)
+            names = tuple(names[i] for i in keep)
+            grads = [grads[i] for i in keep]
+        norms = tensor_norms(grads, norm_type)  # type: ignore[arg-type]
+        norms_host = self._transfer(norms)[: len(params)]
+        reading = GradientReading(step, names, params, norms_host, _combined(norms_host, norm_type))
         self._readings = {key: reading}  # older steps are never asked for again
         return reading
 
@@ -96,12 +97,20 @@ class SignalHub:
             offset += values.numel()
         return host
 
-    def _name_of(self, module: nn.Module, param: nn.Parameter) -> str:
-        name = self._names.get(id(param))
-        if name is None:
-            self._names = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
-            name = self._names.get(id(param), f"<unnamed {tuple(param.shape)}>")
-        return name
+    def _layout(
+        self, module: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> tuple[tuple[nn.Parameter, ...], tuple[str, ...]]:
+        """The optimizer's parameters and their names, rebuilt only when its groups change."""
+        groups = optimizer.param_groups
+        signature = (len(groups), sum(len(group["params"]) for group in groups))
+        cached = self._layouts.get(id(optimizer))
+        if cached is not None and cached[0] == signature:
+            return cached[1], cached[2]
+        names = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
+        params = tuple(param for group in groups for param in group["params"])
+        labels = tuple(names.get(id(p), f"<unnamed {tuple(p.shape)}>") for p in params)
+        self._layouts[id(optimizer)] = (signature, params, labels)
+        return params, labels
 
 
 _HUBS: weakref.WeakKeyDictionary[Any, SignalHub] = weakref.WeakKeyDictionary()
@@ -113,6 +122,17 @@ def hub_for(trainer: Any) -> SignalHub:
     if hub is None:
         hub = _HUBS[trainer] = SignalHub()
     return hub
+
+
+def _combined(norms: np.ndarray, norm_type: float) -> float:
+    """The norm of all tensors together from their norms (non-finite if any of them is)."""
+    if norms.size == 0:
+        return 0.0
+    if math.isinf(norm_type):
+        return float(norms.max())
+    if norm_type == 2.0:
+        return math.sqrt(float(norms @ norms))
+    return float((norms**norm_type).sum() ** (1.0 / norm_type))
 
 
 def layer_of(name: str) -> str:

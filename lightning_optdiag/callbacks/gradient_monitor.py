@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import re
+import statistics
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -244,8 +246,9 @@ class GradientMonitor(Callback):
             )
         if math.isfinite(reading.total):
             median.add(reading.total)
+        layer_median = _median_of_finite(layers.values())
         vanishing = self._record_vanishing(
-            reading.step, index, layers, self._vanishing_layers(layers)
+            reading.step, index, layers, self._vanishing_layers(layers, layer_median), layer_median
         )
         return GradientStats(
             step=reading.step,
@@ -290,17 +293,13 @@ class GradientMonitor(Callback):
             cached = self._groupings[names] = (tuple(positions), np.asarray(index, dtype=np.int64))
         return cached
 
-    def _vanishing_layers(self, layers: dict[str, float]) -> set[str]:
-        finite = [value for value in layers.values() if math.isfinite(value)]
-        if len(finite) < 2:
-            return set()
-        reference = float(np.median(finite))
-        if reference <= 0.0:
+    def _vanishing_layers(self, layers: dict[str, float], reference: float) -> set[str]:
+        if len(layers) < 2 or not reference > 0.0:
             return set()
         return {name for name, value in layers.items() if value < self.vanishing_ratio * reference}
 
     def _record_vanishing(
-        self, step: int, index: int, layers: dict[str, float], below: set[str]
+        self, step: int, index: int, layers: dict[str, float], below: set[str], reference: float
     ) -> set[str]:
         """Flag layers below the threshold for ``vanishing_patience`` steps in a row, and clear
         them after as many steps above it, so that a transient dip is not an event."""
@@ -313,8 +312,6 @@ class GradientMonitor(Callback):
         cleared = {
             n for n in flagged - below if n in layers and streaks[n] >= self.vanishing_patience
         }
-        finite = [value for value in layers.values() if math.isfinite(value)]
-        reference = float(np.median(finite)) if finite else float("nan")
         if started:
             smallest = min(layers[name] for name in started)
             self.events.append(
@@ -430,6 +427,11 @@ class GradientMonitor(Callback):
         }
         self._counts = {int(i): int(c) for i, c in state_dict.get("counts", {}).items()}
         self.events = [GradientEvent(**event) for event in state_dict["events"]]
+
+
+def _median_of_finite(values: Iterable[float]) -> float:
+    finite = [value for value in values if math.isfinite(value)]
+    return statistics.median(finite) if finite else float("nan")
 
 
 def _check_norm_type(norm_type: Any) -> float:

@@ -9,21 +9,26 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 __all__ = ["LayerGrouping", "group_norms", "tensor_norms", "total_norm"]
+
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def tensor_norms(tensors: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
     """The ``norm_type``-norm of every tensor, as one vector on the first tensor's device
     (float32, or float64 when any tensor is float64).
 
-    Uses ``torch._foreach_norm`` per device (the multi-tensor kernel behind
-    ``torch.nn.utils.clip_grad_norm_``), so the cost is a handful of kernel launches whatever the
-    number of tensors. A tensor holding NaN or infinity gets a non-finite norm (the converse
-    does not hold: finite values beyond ~1e19 overflow the float32 sum of squares).
+    Uses ``torch._foreach_norm`` per device and dtype (the multi-tensor kernel behind
+    ``torch.nn.utils.clip_grad_norm_``; the grouping is torch's own, in C++), so the Python cost
+    does not grow with the number of tensors. Half-precision tensors accumulate in float32, so
+    norms above 65504 stay finite. A tensor holding NaN or infinity gets a non-finite norm (the
+    converse does not hold: finite values beyond ~1e19 overflow the float32 sum of squares).
 
     Args:
         tensors: the tensors (any floating dtypes, any devices).
@@ -31,43 +36,27 @@ def tensor_norms(tensors: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
     """
     if not tensors:
         return torch.zeros(0)
+    groups = _group_tensors_by_device_and_dtype([list(tensors)], with_indices=True)
+    if len(groups) == 1:
+        ((_, dtype), ((members,), _)) = next(iter(groups.items()))
+        return _norms(cast(list[Tensor], members), dtype, norm_type)
     target = tensors[0].device
-    by_device: dict[torch.device, list[int]] = {}
-    for index, tensor in enumerate(tensors):
-        by_device.setdefault(tensor.device, []).append(index)
-    if len(by_device) == 1:
-        return _stacked_norms(list(tensors), norm_type)
-    norms = torch.empty(
-        len(tensors),
-        dtype=torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32,
-        device=target,
-    )
-    for indices in by_device.values():
-        values = _stacked_norms([tensors[i] for i in indices], norm_type)
-        norms[torch.tensor(indices, device=target)] = values.to(target)
-    return norms
-
-
-_HALF = (torch.float16, torch.bfloat16)
-
-
-def _stacked_norms(tensors: list[Tensor], norm_type: float) -> Tensor:
-    """Norms in float32 (float64 when a tensor is float64), in one kernel per precision class."""
-    out_dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-    half = [i for i, t in enumerate(tensors) if t.dtype in _HALF]
-    if not half:
-        return torch.stack(torch._foreach_norm(tensors, norm_type)).to(out_dtype)
-    full = [i for i, t in enumerate(tensors) if t.dtype not in _HALF]
-    norms = torch.empty(len(tensors), dtype=out_dtype, device=tensors[0].device)
-    # Accumulating half precision in float32 keeps norms above 65504 finite.
-    norms[half] = torch.stack(
-        torch._foreach_norm([tensors[i] for i in half], norm_type, dtype=torch.float32)
-    ).to(out_dtype)
-    if full:
-        norms[full] = torch.stack(torch._foreach_norm([tensors[i] for i in full], norm_type)).to(
-            out_dtype
+    wide = any(dtype == torch.float64 for _, dtype in groups)
+    out_dtype = torch.float64 if wide else torch.float32
+    norms = torch.empty(len(tensors), dtype=out_dtype, device=target)
+    for (_, dtype), ((members,), indices) in groups.items():
+        position = torch.tensor(indices, device=target)
+        norms[position] = _norms(cast(list[Tensor], members), dtype, norm_type).to(
+            device=target, dtype=out_dtype
         )
     return norms
+
+
+def _norms(tensors: list[Tensor], dtype: torch.dtype, norm_type: float) -> Tensor:
+    if dtype in _HALF:
+        return torch.stack(torch._foreach_norm(tensors, norm_type, dtype=torch.float32))
+    norms = torch.stack(torch._foreach_norm(tensors, norm_type))
+    return norms if dtype == torch.float64 else norms.float()
 
 
 @dataclass(frozen=True)
