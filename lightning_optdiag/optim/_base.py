@@ -103,7 +103,8 @@ class BundledOptimizer(Optimizer):
     """Base class: validates every param group (also ones added later) and collects dense grads.
 
     Subclasses implement :meth:`_check_group`, which raises for an invalid hyperparameter in a
-    group after torch has filled in the defaults.
+    group after torch has filled in the defaults, and :meth:`_update_group`, the update of one
+    group's parameters that have a gradient (``step`` evaluates the closure and calls it).
     """
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -118,6 +119,27 @@ class BundledOptimizer(Optimizer):
             raise
 
     def _check_group(self, group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure: Closure | None = None) -> Any:
+        """Perform one optimisation step.
+
+        Args:
+            closure: Optional callable that re-evaluates the model and returns the loss.
+
+        Returns:
+            The closure's loss, or ``None`` without a closure.
+        """
+        loss = evaluate_closure(closure)
+        for group, params, grads in self._groups_with_grads():
+            self._update_group(group, params, grads)
+        return loss
+
+    def _update_group(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
+    ) -> None:
+        """Update one group's parameters that have a gradient."""
         raise NotImplementedError
 
     def _groups_with_grads(self) -> list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]:

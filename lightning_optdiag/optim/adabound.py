@@ -11,12 +11,10 @@ from torch.optim.optimizer import ParamsT
 
 from lightning_optdiag.optim._base import (
     BundledOptimizer,
-    Closure,
     check_betas,
     check_lr,
     check_non_negative,
     check_positive,
-    evaluate_closure,
     group_by_device_and_dtype,
     use_foreach,
 )
@@ -133,21 +131,6 @@ class AdaBound(BundledOptimizer):
                 f"Invalid learning rate: {group['base_lr']} (AdaBound needs an initial lr > 0: "
                 "final_lr is scaled by lr / base_lr)"
             ) from None
-
-    @torch.no_grad()
-    def step(self, closure: Closure | None = None) -> Any:
-        """Perform one optimisation step.
-
-        Args:
-            closure: Optional callable that re-evaluates the model and returns the loss.
-
-        Returns:
-            The closure's loss, or ``None`` without a closure.
-        """
-        loss = evaluate_closure(closure)
-        for group, params, grads in self._groups_with_grads():
-            self._update_group(group, params, grads)
-        return loss
 
     def _update_group(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]

@@ -10,11 +10,9 @@ from torch.optim.optimizer import ParamsT
 
 from lightning_optdiag.optim._base import (
     BundledOptimizer,
-    Closure,
     check_betas,
     check_lr,
     check_non_negative,
-    evaluate_closure,
     group_by_device_and_dtype,
     l2_norms,
     use_foreach,
@@ -105,21 +103,6 @@ class LAMB(BundledOptimizer):
         for flag in ("bias_correction", "layer_adaptation"):
             if not isinstance(group[flag], bool):
                 raise TypeError(f"Invalid {flag}: {group[flag]!r} (expected True or False)")
-
-    @torch.no_grad()
-    def step(self, closure: Closure | None = None) -> Any:
-        """Perform one optimisation step.
-
-        Args:
-            closure: Optional callable that re-evaluates the model and returns the loss.
-
-        Returns:
-            The closure's loss, or ``None`` without a closure.
-        """
-        loss = evaluate_closure(closure)
-        for group, params, grads in self._groups_with_grads():
-            self._update_group(group, params, grads)
-        return loss
 
     def _update_group(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]

@@ -11,10 +11,8 @@ from torch.optim.sgd import sgd
 
 from lightning_optdiag.optim._base import (
     BundledOptimizer,
-    Closure,
     check_lr,
     check_non_negative,
-    evaluate_closure,
     group_by_device_and_dtype,
     l2_norms,
     use_foreach,
@@ -122,43 +120,33 @@ class LARS(BundledOptimizer):
                 f"Invalid layer_adaptation: {group['layer_adaptation']!r} (expected True or False)"
             )
 
-    @torch.no_grad()
-    def step(self, closure: Closure | None = None) -> Any:
-        """Perform one optimisation step.
-
-        Args:
-            closure: Optional callable that re-evaluates the model and returns the loss.
-
-        Returns:
-            The closure's loss, or ``None`` without a closure.
-        """
-        loss = evaluate_closure(closure)
-        for group, params, grads in self._groups_with_grads():
-            foreach = use_foreach(group["foreach"], params)
-            weight_decay = group["weight_decay"]
-            if group["layer_adaptation"]:
-                directions = _scaled_directions(params, grads, group, foreach)
-                # The decay is inside the rescaled direction already.
-                weight_decay = 0.0
-            else:
-                directions = grads
-            buffers = [self.state[p].get("momentum_buffer") for p in params]
-            sgd(
-                params,
-                directions,
-                buffers,
-                foreach=foreach,
-                weight_decay=weight_decay,
-                momentum=group["momentum"],
-                lr=group["lr"],
-                dampening=0.0,
-                nesterov=group["nesterov"],
-                maximize=False,
-            )
-            if group["momentum"] != 0:
-                for p, buffer in zip(params, buffers, strict=True):
-                    self.state[p]["momentum_buffer"] = buffer
-        return loss
+    def _update_group(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
+    ) -> None:
+        foreach = use_foreach(group["foreach"], params)
+        weight_decay = group["weight_decay"]
+        if group["layer_adaptation"]:
+            directions = _scaled_directions(params, grads, group, foreach)
+            # The decay is inside the rescaled direction already.
+            weight_decay = 0.0
+        else:
+            directions = grads
+        buffers = [self.state[p].get("momentum_buffer") for p in params]
+        sgd(
+            params,
+            directions,
+            buffers,
+            foreach=foreach,
+            weight_decay=weight_decay,
+            momentum=group["momentum"],
+            lr=group["lr"],
+            dampening=0.0,
+            nesterov=group["nesterov"],
+            maximize=False,
+        )
+        if group["momentum"] != 0:
+            for p, buffer in zip(params, buffers, strict=True):
+                self.state[p]["momentum_buffer"] = buffer
 
 
 def _scaled_directions(

@@ -11,10 +11,8 @@ from torch.optim.sgd import sgd
 
 from lightning_optdiag.optim._base import (
     BundledOptimizer,
-    Closure,
     check_lr,
     check_non_negative,
-    evaluate_closure,
     group_by_device_and_dtype,
     use_foreach,
 )
@@ -99,38 +97,28 @@ class SGDW(BundledOptimizer):
                 f"momentum={group['momentum']} and dampening={group['dampening']}"
             )
 
-    @torch.no_grad()
-    def step(self, closure: Closure | None = None) -> Any:
-        """Perform one optimisation step.
-
-        Args:
-            closure: Optional callable that re-evaluates the model and returns the loss.
-
-        Returns:
-            The closure's loss, or ``None`` without a closure.
-        """
-        loss = evaluate_closure(closure)
-        for group, params, grads in self._groups_with_grads():
-            foreach = use_foreach(group["foreach"], params)
-            _decay(params, group["lr"] * group["weight_decay"], foreach=foreach)
-            momentum = group["momentum"]
-            buffers = [self.state[p].get("momentum_buffer") for p in params]
-            sgd(
-                params,
-                grads,
-                buffers,
-                foreach=foreach,
-                weight_decay=0.0,
-                momentum=momentum,
-                lr=group["lr"],
-                dampening=group["dampening"],
-                nesterov=group["nesterov"],
-                maximize=False,
-            )
-            if momentum != 0:
-                for p, buffer in zip(params, buffers, strict=True):
-                    self.state[p]["momentum_buffer"] = buffer
-        return loss
+    def _update_group(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
+    ) -> None:
+        foreach = use_foreach(group["foreach"], params)
+        _decay(params, group["lr"] * group["weight_decay"], foreach=foreach)
+        momentum = group["momentum"]
+        buffers = [self.state[p].get("momentum_buffer") for p in params]
+        sgd(
+            params,
+            grads,
+            buffers,
+            foreach=foreach,
+            weight_decay=0.0,
+            momentum=momentum,
+            lr=group["lr"],
+            dampening=group["dampening"],
+            nesterov=group["nesterov"],
+            maximize=False,
+        )
+        if momentum != 0:
+            for p, buffer in zip(params, buffers, strict=True):
+                self.state[p]["momentum_buffer"] = buffer
 
 
 def _decay(params: list[Tensor], rate: float, *, foreach: bool) -> None:

@@ -15,12 +15,10 @@ from torch.optim.sgd import sgd
 from lightning_optdiag._validation import check_choice, check_int
 from lightning_optdiag.optim._base import (
     BundledOptimizer,
-    Closure,
     check_betas,
     check_lr,
     check_non_negative,
     dot,
-    evaluate_closure,
     group_by_device_and_dtype,
     host_floats,
     require_real,
@@ -232,23 +230,14 @@ class SWATS(BundledOptimizer):
             group.setdefault("switch_lambda", None)
             group.setdefault("lr_at_switch", None)
 
-    @torch.no_grad()
-    def step(self, closure: Closure | None = None) -> Any:
-        """Perform one optimisation step (Adam or SGD phase, per switching unit).
-
-        Args:
-            closure: Optional callable that re-evaluates the model and returns the loss.
-
-        Returns:
-            The closure's loss, or ``None`` without a closure.
-        """
-        loss = evaluate_closure(closure)
-        for group, params, grads in self._groups_with_grads():
-            if group["mode"] == "global":
-                self._step_global(group, params, grads)
-            else:
-                self._step_per_layer(group, params, grads)
-        return loss
+    def _update_group(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
+    ) -> None:
+        """Adam or SGD phase, per switching unit."""
+        if group["mode"] == "global":
+            self._step_global(group, params, grads)
+        else:
+            self._step_per_layer(group, params, grads)
 
     @property
     def switched(self) -> bool:
