@@ -43,12 +43,9 @@ import logging
 import os
 import platform
 import random
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
-import textwrap
 import threading
 import time
 import warnings
@@ -61,11 +58,22 @@ from typing import Any
 import lightning
 import numpy as np
 import torch
+from _report import (  # benchmarks/ is on sys.path when a script runs
+    DOCS_PATH,
+    Report,
+    Verdict,
+    library_revision,
+    markdown_table,
+    rich_table,
+    status,
+    update_docs,
+    verdict_line,
+    wrap,
+)
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import grad_norm
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -80,7 +88,6 @@ TARGET_GUARD = 0.01
 TARGET_GUARD_WITH_MONITOR = 0.01
 THREADS = 1
 COMMAND = "python benchmarks/callbacks.py"
-DOCS_PATH = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 SECTION_HEADING = "## Callbacks"
 PREVIOUS_HEADING = "## Curvature engine"
 NEXT_HEADING = "## Optimizers"
@@ -144,25 +151,6 @@ QUICK = replace(
     profile_steps=20,
     isolated_repeats=50,
 )
-
-
-@dataclass
-class Report:
-    """One table of results, rendered both with rich and as Markdown."""
-
-    title: str
-    headers: list[str]
-    rows: list[list[str]]
-    note: str = ""
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """Whether one target of the issue is met, with the numbers behind it."""
-
-    target: str
-    met: bool | None  # None: the measurement cannot tell
-    detail: str
 
 
 # --------------------------------------------------------------------------------------- model
@@ -1068,68 +1056,6 @@ def comparison_sentence(results: dict[str, StepTimes]) -> str:
 
 
 # ------------------------------------------------------------------------------------- output
-def rich_table(report: Report) -> Table:
-    caption = Text(report.note) if report.note else None
-    table = Table(title=report.title, caption=caption, caption_justify="left")
-    for header in report.headers:
-        table.add_column(Text(header), overflow="fold")
-    for row in report.rows:
-        table.add_row(*(Text(cell) for cell in row))
-    return table
-
-
-def wrap(text: str, first: str = "", rest: str = "") -> str:
-    """Markdown prose wrapped at 100 columns like the rest of the docs (code spans may break)."""
-    return textwrap.fill(
-        text,
-        width=100,
-        initial_indent=first,
-        subsequent_indent=rest,
-        break_long_words=False,
-        break_on_hyphens=False,
-    )
-
-
-def markdown_row(cells: Sequence[str]) -> str:
-    return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
-
-
-def markdown_table(report: Report) -> str:
-    lines = [f"### {report.title}", ""]
-    lines.append(markdown_row(report.headers))
-    lines.append("|" + "|".join("---" for _ in report.headers) + "|")
-    lines += [markdown_row(row) for row in report.rows]
-    if report.note:
-        lines += ["", wrap(report.note)]
-    return "\n".join(lines)
-
-
-def status(verdict: Verdict) -> str:
-    return {True: "Met", False: "Missed", None: "Unresolved"}[verdict.met]
-
-
-def verdict_line(verdict: Verdict) -> str:
-    return f"{status(verdict).upper()}: {verdict.target}. {verdict.detail}"
-
-
-def library_revision() -> str:
-    """Short commit of the checkout, marked when the callbacks or signals have local changes."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", *LIBRARY_PATHS],
-            cwd=root,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-    except OSError:
-        return "unknown"
-    return (commit or "unknown") + (" with local changes" if dirty else "")
-
-
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -1145,7 +1071,8 @@ def environment_line(elapsed: float, cfg: Config, loads: tuple[float, float]) ->
     if torch.get_num_threads() != THREADS:
         mode += f" --threads {torch.get_num_threads()}"
     return (
-        f"Measured {datetime.date.today().isoformat()} at commit {library_revision()} with torch "
+        f"Measured {datetime.date.today().isoformat()} at commit "
+        f"{library_revision(LIBRARY_PATHS)} with torch "
         f"{torch.__version__}, lightning {lightning.__version__}, Python "
         f"{platform.python_version()}, {os.cpu_count()} CPUs ({cpu_model()}; torch threads: "
         f"{torch.get_num_threads()}), no GPU; command `{COMMAND}{mode}` (whole run "
@@ -1193,36 +1120,6 @@ def markdown_section(
     targets = "\n".join(wrap(f"**{status(v)}:** {v.target}. {v.detail}", "- ", "  ") for v in found)
     prose = [wrap(paragraph) for paragraph in [header, *setup_text(cfg).split("\n\n")]]
     return "\n\n".join([*prose, *tables, wrap(comparison), "### Targets", targets])
-
-
-def heading_pattern(heading: str) -> re.Pattern[str]:
-    return re.compile(rf"^{re.escape(heading)}[ \t]*$", re.MULTILINE)
-
-
-def replace_section(text: str, body: str) -> str:
-    """Replace the body of :data:`SECTION_HEADING` (up to the next ``## `` heading), or insert
-    the section before :data:`NEXT_HEADING` (else after :data:`PREVIOUS_HEADING`'s section,
-    else at the end)."""
-    section = f"{SECTION_HEADING}\n\n{body.strip()}\n\n"
-    match = heading_pattern(SECTION_HEADING).search(text)
-    if match is not None:
-        following = text.find("\n## ", match.end())
-        rest = "" if following == -1 else text[following + 1 :]
-        return text[: match.start()] + section + rest
-    anchor = heading_pattern(NEXT_HEADING).search(text)
-    if anchor is None:
-        previous = heading_pattern(PREVIOUS_HEADING).search(text)
-        if previous is not None:
-            following = text.find("\n## ", previous.end())
-            if following != -1:
-                return text[: following + 1] + section + text[following + 1 :]
-        return text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
-    return text[: anchor.start()] + section + text[anchor.start() :]
-
-
-def update_docs(body: str) -> None:
-    text = DOCS_PATH.read_text(encoding="utf-8")  # re-read: other sections change concurrently
-    DOCS_PATH.write_text(replace_section(text, body), encoding="utf-8")
 
 
 # --------------------------------------------------------------------------------------- main
@@ -1291,7 +1188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out.print(Text(verdict_line(verdict), style=style))
     out.print(header)
     if args.update_docs:
-        update_docs(markdown_section(reports, found, header, comparison, cfg))
+        update_docs(SECTION_HEADING, markdown_section(reports, found, header, comparison, cfg))
         out.print(f"updated '{SECTION_HEADING}' in {DOCS_PATH}")
     return 0
 

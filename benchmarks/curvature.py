@@ -37,18 +37,25 @@ import itertools
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import textwrap
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import torch
+from _report import (  # benchmarks/ is on sys.path when a script runs
+    DOCS_PATH,
+    Report,
+    Verdict,
+    library_revision,
+    markdown_table,
+    rich_table,
+    update_docs,
+    verdict_line,
+    wrap,
+)
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 from scipy.sparse.linalg import ArpackNoConvergence, eigsh
 from torch import Tensor, nn
@@ -66,8 +73,8 @@ TARGET_WARM_HVPS = 4
 TARGET_HVP_RATIO = 3.0
 THREADS = 2
 COMMAND = "python benchmarks/curvature.py"
-DOCS_PATH = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 SECTION_HEADING = "## Curvature engine"
+LIBRARY_PATHS = ("lightning_optdiag/curvature",)
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 
@@ -128,25 +135,6 @@ QUICK = replace(
     warmup=2,
     hessian_chunk=1024,
 )
-
-
-@dataclass
-class Report:
-    """One table of results, rendered both with rich and as Markdown."""
-
-    title: str
-    headers: list[str]
-    rows: list[list[str]]
-    note: str = ""
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """Whether one target of the issue is met, with the numbers behind it."""
-
-    target: str
-    met: bool
-    detail: str
 
 
 # ------------------------------------------------------------------------------------ problems
@@ -929,68 +917,11 @@ def timing_verdicts(results: Sequence[Timing]) -> list[Verdict]:
 
 
 # ------------------------------------------------------------------------------------- output
-def rich_table(report: Report) -> Table:
-    caption = Text(report.note) if report.note else None
-    table = Table(title=report.title, caption=caption, caption_justify="left")
-    for header in report.headers:
-        table.add_column(Text(header), overflow="fold")
-    for row in report.rows:
-        table.add_row(*(Text(cell) for cell in row))
-    return table
-
-
-def wrap(text: str, first: str = "", rest: str = "") -> str:
-    """Markdown prose wrapped at 100 columns like the rest of the docs (code spans may break)."""
-    return textwrap.fill(
-        text,
-        width=100,
-        initial_indent=first,
-        subsequent_indent=rest,
-        break_long_words=False,
-        break_on_hyphens=False,
-    )
-
-
-def markdown_row(cells: Sequence[str]) -> str:
-    return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
-
-
-def markdown_table(report: Report) -> str:
-    lines = [f"### {report.title}", ""]
-    lines.append(markdown_row(report.headers))
-    lines.append("|" + "|".join("---" for _ in report.headers) + "|")
-    lines += [markdown_row(row) for row in report.rows]
-    if report.note:
-        lines += ["", wrap(report.note)]
-    return "\n".join(lines)
-
-
-def verdict_line(verdict: Verdict) -> str:
-    return f"{'MET' if verdict.met else 'MISSED'}: {verdict.target}. {verdict.detail}"
-
-
-def library_revision() -> str:
-    """Short commit of the checkout, marked when the curvature package has local changes."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "lightning_optdiag/curvature"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-    except OSError:
-        return "unknown"
-    return (commit or "unknown") + (" with local changes" if dirty else "")
-
-
 def environment_line(elapsed: float, cfg: Config) -> str:
     mode = " --quick" if cfg.quick else ""
     return (
-        f"Measured {datetime.date.today().isoformat()} at commit {library_revision()} with torch "
+        f"Measured {datetime.date.today().isoformat()} at commit "
+        f"{library_revision(LIBRARY_PATHS)} with torch "
         f"{torch.__version__}, Python {platform.python_version()}, {os.cpu_count()} CPUs (torch "
         f"threads: {torch.get_num_threads()}), no GPU; command `{COMMAND}{mode}` (whole run "
         f"{elapsed:.0f} s; `--update-docs` rewrites this section)."
@@ -1032,19 +963,6 @@ def markdown_section(
     )
     prose = [wrap(paragraph) for paragraph in [header, *setup_text(cfg).split("\n\n")]]
     return "\n\n".join([*prose, *tables, "### Targets", targets])
-
-
-def replace_section(text: str, body: str) -> str:
-    """Replace what lies between :data:`SECTION_HEADING` and the next ``## `` heading."""
-    start = text.index(SECTION_HEADING) + len(SECTION_HEADING)
-    following = text.find("\n## ", start)
-    rest = "" if following == -1 else text[following + 1 :]
-    return text[:start] + "\n\n" + body.strip() + "\n\n" + rest
-
-
-def update_docs(body: str) -> None:
-    text = DOCS_PATH.read_text(encoding="utf-8")  # re-read: other sections change concurrently
-    DOCS_PATH.write_text(replace_section(text, body), encoding="utf-8")
 
 
 # --------------------------------------------------------------------------------------- main
@@ -1119,7 +1037,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out.print(Text(verdict_line(verdict), style="green" if verdict.met else "red"))
     out.print(header)
     if args.update_docs:
-        update_docs(markdown_section(reports, verdicts, header, cfg))
+        update_docs(SECTION_HEADING, markdown_section(reports, verdicts, header, cfg))
         out.print(f"updated '{SECTION_HEADING}' in {DOCS_PATH}")
     return 0
 
