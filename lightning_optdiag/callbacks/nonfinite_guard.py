@@ -179,8 +179,13 @@ class NonFiniteGuard(Callback):
             self._batches, self._batches_step = [], trainer.global_step
             if self.action == "skip":
                 # A skipped step must not keep what its forward passes wrote into buffers
-                # (BatchNorm statistics of a NaN batch): keep a copy to put back.
-                self._buffers = [b.detach().clone() for b in pl_module.buffers()]
+                # (BatchNorm statistics of a NaN batch): keep a copy to put back, in storage
+                # allocated once and refreshed with one fused copy per step.
+                buffers = [b.detach() for b in pl_module.buffers()]
+                if [_layout(b) for b in buffers] == [_layout(b) for b in self._buffers]:
+                    torch._foreach_copy_(self._buffers, buffers)
+                else:
+                    self._buffers = [b.clone() for b in buffers]
         self._batches.append((batch, batch_idx))  # references, for locate=True replays
 
     @override
@@ -441,6 +446,10 @@ class NonFiniteGuard(Callback):
         self.skipped_steps = state_dict["skipped_steps"]
         self._consecutive_skips = state_dict["consecutive_skips"]
         self._consecutive_scaler_skips = state_dict["consecutive_scaler_skips"]
+
+
+def _layout(tensor: Tensor) -> tuple[Any, ...]:
+    return tensor.shape, tensor.dtype, tensor.device
 
 
 def _shorten(names: list[str], limit: int = 5) -> str:
