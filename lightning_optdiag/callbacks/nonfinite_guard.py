@@ -182,7 +182,9 @@ class NonFiniteGuard(Callback):
                 # (BatchNorm statistics of a NaN batch): keep a copy to put back, in storage
                 # allocated once and refreshed with one fused copy per step.
                 buffers = [b.detach() for b in pl_module.buffers()]
-                if [_layout(b) for b in buffers] == [_layout(b) for b in self._buffers]:
+                if not buffers:
+                    self._buffers = []
+                elif [_layout(b) for b in buffers] == [_layout(b) for b in self._buffers]:
                     torch._foreach_copy_(self._buffers, buffers)
                 else:
                     self._buffers = [b.clone() for b in buffers]

@@ -1110,3 +1110,31 @@ def test_skip_puts_batchnorm_statistics_back(accumulate: int) -> None:
     assert all(bool(torch.isfinite(b).all()) for b in model.buffers())
     healthy_step = buffers.after[1]
     assert any(not torch.equal(v, buffers.before[1][n]) for n, v in healthy_step.items())
+
+
+class NoBuffers(LightningModule):
+    """A model without any buffer (no BatchNorm): there is nothing for a skip to put back."""
+
+    def __init__(self, bad_batch: int) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 1)
+        self.bad_batch = bad_batch
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = F.mse_loss(self.layer(x), y)
+        return loss + math.nan if batch_idx == self.bad_batch else loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_skip_works_on_a_model_without_buffers() -> None:
+    guard = NonFiniteGuard(action="skip")
+    recorder = Recorder()
+    torch.manual_seed(0)
+    model = NoBuffers(bad_batch=2)
+    fit(model, [recorder, guard], steps=4)
+    assert [(e.step, e.action) for e in guard.events] == [(2, "skipped")]
+    assert_bitwise_equal(recorder.after[2], recorder.before[2])
+    assert not torch.equal(recorder.after[3]["layer.weight"], recorder.before[3]["layer.weight"])
