@@ -1,5 +1,6 @@
 """Lightning callbacks: the thin glue between Trainer hooks and optdiag's signal computations."""
 
+from lightning_optdiag.callbacks.curvature_monitor import CurvatureMonitor, CurvatureRecord
 from lightning_optdiag.callbacks.gradient_monitor import (
     GradientEvent,
     GradientMonitor,
@@ -10,12 +11,16 @@ from lightning_optdiag.callbacks.nonfinite_guard import (
     NonFiniteEvent,
     NonFiniteGuard,
 )
+from lightning_optdiag.callbacks.training_doctor import TrainingDoctor
 
 __all__ = [
+    "CurvatureMonitor",
+    "CurvatureRecord",
     "GradientEvent",
     "GradientMonitor",
     "GradientStats",
     "NonFiniteError",
     "NonFiniteEvent",
     "NonFiniteGuard",
+    "TrainingDoctor",
 ]

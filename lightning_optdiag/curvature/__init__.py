@@ -6,6 +6,7 @@ products, in pure PyTorch and SciPy (no Lightning).
 - :func:`hessian_eigenvalues`: extreme eigenvalues by Lanczos with a residual stop.
 - :func:`hessian_trace`: Hutch++ / Hutchinson trace with a standard error.
 - :func:`spectral_density`: stochastic Lanczos quadrature.
+- :class:`ScaledOperator`: ``S H S``, for the sharpness an adaptive optimizer sees.
 - :func:`isolated_forward`: the guarantee behind all of them: no trace on the training run.
 - :func:`all_reduce_mean`: the ``hvp_reduce`` hook for data-parallel runs.
 """
@@ -25,6 +26,7 @@ from lightning_optdiag.curvature.operator import (
     SymmetricOperator,
     select_parameters,
 )
+from lightning_optdiag.curvature.scaled import ScaledOperator
 from lightning_optdiag.curvature.trace import TraceEstimate, estimate_trace, hessian_trace
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "HessianOperator",
     "LossFn",
     "ParamSelection",
+    "ScaledOperator",
     "SpectralDensity",
     "SymmetricOperator",
     "TraceEstimate",

@@ -166,6 +166,11 @@ class HessianOperator:
         """Names of the parameters in the operator, in the order of the flat vectors."""
         return list(self._names)
 
+    @property
+    def parameters(self) -> list[Tensor]:
+        """The parameters in the operator, in the order of the flat vectors."""
+        return list(self._params)
+
     def matvec(self, vector: Tensor) -> Tensor:
         """Return the Hessian-vector product ``H @ vector`` (one HVP).
 
