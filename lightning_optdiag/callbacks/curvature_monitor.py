@@ -8,7 +8,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
@@ -108,9 +107,10 @@ class CurvatureMonitor(Callback):
     optimizer's own state, against ``(2 + 2 beta1) / ((1 - beta1) lr)``. A ratio near 1 is the
     edge of stability, above 1 means the learning rate is too high for the curvature.
 
-    And the **gradient noise scale** (field guide section 4) from the probe gradient at two batch
-    sizes: the two halves of the probe against the whole, or, under DDP, this process's probe
-    against the average over processes.
+    And the **gradient noise scale** (field guide section 4) from gradients at two batch sizes on
+    the current training batch (a fresh one at every check; a fixed batch would freeze its own
+    sampling error into the estimate): ``noise_chunks`` equal chunks against their mean, which
+    under DDP is also averaged over processes.
 
     The check never changes the training trajectory: the probe loss runs under
     :func:`~lightning_optdiag.curvature.isolated_forward` (modes, buffers such as BatchNorm
@@ -140,7 +140,9 @@ class CurvatureMonitor(Callback):
         density: also estimate the spectral density (stochastic Lanczos quadrature).
         density_probes: random probes for the density.
         density_steps: Lanczos steps per density probe.
-        noise_scale: measure the gradient noise scale (two extra gradients per check).
+        noise_scale: measure the gradient noise scale at each check.
+        noise_chunks: the current training batch is cut into this many chunks for the noise
+            scale (one extra gradient per chunk, about one training step in all).
         loss_fn: ``loss_fn(module, batch) -> scalar`` replacing the muted ``training_step``.
         params: restrict the Hessian to a submodule or parameter name prefix (``"encoder"``).
         max_overhead: largest share of training time the checks may take; the interval is
@@ -177,6 +179,7 @@ class CurvatureMonitor(Callback):
         density_probes: int = 2,
         density_steps: int = 30,
         noise_scale: bool = True,
+        noise_chunks: int = 8,
         loss_fn: LossFn | None = None,
         params: str | None = None,
         max_overhead: float | None = 0.05,
@@ -199,6 +202,7 @@ class CurvatureMonitor(Callback):
         self.density_probes = check_int("density_probes", density_probes, minimum=1)
         self.density_steps = check_int("density_steps", density_steps, minimum=2)
         self.noise_scale = noise_scale
+        self.noise_chunks = check_int("noise_chunks", noise_chunks, minimum=2)
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"Invalid loss_fn: {loss_fn!r} (expected a callable or None)")
         self.loss_fn = loss_fn
@@ -219,6 +223,7 @@ class CurvatureMonitor(Callback):
         self.density_estimate: SpectralDensity | None = None
         self._probe: list[tuple[Any, int]] = []
         self._probe_step = -1
+        self._current: tuple[Any, int] | None = None
         self._noise = GradientNoiseScale()
         self._warm: dict[str, Tensor] = {}
         self._checks = 0
@@ -262,6 +267,7 @@ class CurvatureMonitor(Callback):
     ) -> None:
         if len(self._probe) < self.probe_batches and trainer.global_step == self._probe_step:
             self._probe.append((tree_map(_detached_copy, batch), batch_idx))
+        self._current = (batch, batch_idx)  # a fresh batch for the noise scale
         self._tick = time.perf_counter()
 
     @override
@@ -319,7 +325,9 @@ class CurvatureMonitor(Callback):
                     generator=generator,
                 )
             if self.noise_scale:
-                self._measure_noise(pl_module, loss_fn, probe, operator, distributed, record)
+                fresh = self._current if self._current is not None else self._probe[0]
+                item = fresh[0] if self.loss_fn is not None else fresh
+                self._measure_noise(pl_module, loss_fn, item, operator, distributed, record)
             record.num_hvps = operator.num_hvps
         record.seconds = time.perf_counter() - started
         self._checks += 1
@@ -382,30 +390,30 @@ class CurvatureMonitor(Callback):
         self,
         module: LightningModule,
         loss_fn: LossFn,
-        probe: list[Any],
+        item: Any,
         operator: HessianOperator,
         distributed: bool,
         record: CurvatureRecord,
     ) -> None:
-        batch_size = sum(_batch_size(item if self.loss_fn else item[0]) for item in probe)
-        local = operator.gradient()
+        """Update the noise-scale estimate from the gradients of ``noise_chunks`` equal chunks
+        of a fresh training batch: ``E|g_chunk|^2 = |G|^2 + tr(Sigma) / B_chunk`` against
+        ``E|g_batch|^2 = |G|^2 + tr(Sigma) / B``, with ``g_batch`` the chunks' mean (and, under
+        DDP, averaged over processes too). A fixed probe batch would not do: its own sampling
+        error is frozen into every estimate."""
+        chunks = _chunks(item, self.noise_chunks, keyed=self.loss_fn is None)
+        if chunks is None:
+            return
+        pieces, chunk_size = chunks
+        grads = [_gradient(module, loss_fn, [piece], operator) for piece in pieces]
+        small = torch.stack([grad @ grad for grad in grads]).mean()
+        mean = torch.stack(grads).mean(dim=0)
+        big_batch = float(chunk_size * len(pieces))
         if distributed:
             world = torch.distributed.get_world_size()
-            averaged = all_reduce_mean(local.clone())
-            small = float(local @ local)
-            big = float(averaged @ averaged)
-            self._noise.update(small, batch_size, big, batch_size * world)
-        else:
-            halves = _split_probe(probe, keyed=self.loss_fn is None)
-            if halves is None:
-                return
-            squares = []
-            for half in halves:
-                grad = _gradient(module, loss_fn, half, operator)
-                squares.append(float(grad @ grad))
-            big = float(local @ local)
-            half_size = batch_size / 2.0
-            self._noise.update(float(np.mean(squares)), half_size, big, float(batch_size))
+            small = all_reduce_mean(small.reshape(1))[0]
+            mean = all_reduce_mean(mean)
+            big_batch *= world
+        self._noise.update(float(small), float(chunk_size), float(mean @ mean), big_batch)
         estimate: NoiseScaleEstimate | None = self._noise.estimate
         if estimate is not None:
             record.noise_scale = estimate.simple_noise_scale
@@ -554,24 +562,16 @@ def _batch_size(batch: Any) -> int:
         return 1
 
 
-def _split_probe(probe: list[Any], keyed: bool) -> tuple[list[Any], list[Any]] | None:
-    """The probe cut in two halves along the batch dimension (``None`` if it cannot be)."""
-    first: list[Any] = []
-    second: list[Any] = []
-    for item in probe:
-        batch = item[0] if keyed else item
-        size = _batch_size(batch)
-        if size < 2:
-            return None
-        half = size // 2
-        if 2 * half != size:
-            return None
-
-        a = _slice_batch(batch, size, 0, half)
-        b = _slice_batch(batch, size, half, size)
-        first.append((a, item[1]) if keyed else a)
-        second.append((b, item[1]) if keyed else b)
-    return first, second
+def _chunks(item: Any, count: int, keyed: bool) -> tuple[list[Any], int] | None:
+    """``item`` cut into ``count`` equal chunks along the batch dimension, and the chunk size
+    (``None`` when the batch has fewer rows than ``count``); leftover rows are dropped."""
+    batch = item[0] if keyed else item
+    size = _batch_size(batch)
+    chunk = size // count
+    if chunk < 1:
+        return None
+    pieces = [_slice_batch(batch, size, j * chunk, (j + 1) * chunk) for j in range(count)]
+    return [(piece, item[1]) if keyed else piece for piece in pieces], chunk
 
 
 def _slice_batch(batch: Any, size: int, lo: int, hi: int) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 from collections import deque
 from dataclasses import asdict
 from pathlib import Path
@@ -43,7 +44,10 @@ __all__ = ["TrainingDoctor"]
 
 PREFIX = "optdiag"
 INITIAL_STEPS = 5  # steps averaged for the initial loss
+EARLY_MEDIAN_STEPS = 5  # rolling median of early losses, for the warm-up rule
 STICKY = frozenset({"needs_warmup"})  # advice about the start of the run stays valid
+# Diagnoses of discrete events, reported at the first evaluation that sees them.
+EVENTS = frozenset({"nonfinite", "exploding_gradients", "vanishing_gradients", "needs_warmup"})
 
 
 class TrainingDoctor(Callback):
@@ -81,6 +85,9 @@ class TrainingDoctor(Callback):
         val_loss_key: the logged validation metric (``None``: no validation-based diagnoses).
         train_loss_key: logged training metric to use when ``training_step`` returns no loss.
         measure_on_plateau: ask the :class:`CurvatureMonitor` for a check on a plateau.
+        confirm_checks: evaluations in a row a condition must hold before it is reported, and
+            be absent before it clears (events such as NaN or gradient spikes are reported at
+            once), so that a quantity at the edge of its threshold does not flap.
         console: print the panels and the final report.
         tensorboard: write the layout, diagnoses text and per-kind scalars to TensorBoard
             loggers.
@@ -114,6 +121,7 @@ class TrainingDoctor(Callback):
         val_loss_key: str | None = "val_loss",
         train_loss_key: str | None = None,
         measure_on_plateau: bool = True,
+        confirm_checks: int = 2,
         console: bool = True,
         tensorboard: bool = True,
     ) -> None:
@@ -139,6 +147,8 @@ class TrainingDoctor(Callback):
             if not isinstance(flag, bool):
                 raise TypeError(f"Invalid {name}: {flag!r} (expected a bool)")
         self.measure_on_plateau = measure_on_plateau
+        self.confirm_checks = check_int("confirm_checks", confirm_checks, minimum=1)
+        self._streaks: dict[str, int] = {}
         self.console = console
         self.tensorboard = tensorboard
         self.diagnoses: list[Diagnosis] = []
@@ -149,6 +159,7 @@ class TrainingDoctor(Callback):
         self._pending: list[tuple[int, Tensor]] = []
         self._initial: list[float] = []
         self._early_max: float | None = None
+        self._early: deque[float] = deque(maxlen=EARLY_MEDIAN_STEPS)
         self._peak_grad: float | None = None
         self._lrs: list[float] = []
         self._val_losses: list[float] = []
@@ -245,7 +256,7 @@ class TrainingDoctor(Callback):
     def _wants_curvature(
         self, observations: Observations, monitor: CurvatureMonitor, step: int
     ) -> bool:
-        if len(observations.losses) < self.window // 2:
+        if not observations.losses:
             return False
         latest = monitor.latest
         if latest is not None and step - latest.step < self.window // 2:
@@ -261,7 +272,9 @@ class TrainingDoctor(Callback):
     def _observations(self, trainer: Trainer, step: int) -> Observations:
         gradients, guard, curvature = self._monitors
         th = self.thresholds
-        losses = list(self._losses) if len(self._losses) >= self.window // 2 else []
+        # The trend test needs a full window: a partial one at the start mixes the initial
+        # drop with what follows.
+        losses = list(self._losses) if len(self._losses) >= self.window else []
         spikes: list[int] = []
         ratio = None
         vanishing: list[str] = []
@@ -321,22 +334,34 @@ class TrainingDoctor(Callback):
             warmup_horizon=self._horizon,
             has_warmup=len(self._lrs) > 1 and max(self._lrs) > self._lrs[0] * (1 + 1e-6),
             early_max_loss=self._early_max,
+            active=frozenset(self._active),
         )
 
     def _update(self, findings: list[Finding], step: int, epoch: int) -> None:
+        """Report a state that held at ``confirm_checks`` evaluations in a row, and clear it
+        after as many without it (events, such as a NaN, are reported at once)."""
         found = {finding.kind: finding for finding in findings}
         appeared, cleared = self._unreported
+        for kind in set(found) | set(self._streaks):
+            changed = (kind in found) != (kind in self._active)
+            self._streaks[kind] = self._streaks.get(kind, 0) + 1 if changed else 0
         for kind, finding in found.items():
-            if kind not in self._active:
+            needed = 1 if kind in EVENTS else self.confirm_checks
+            if kind not in self._active and self._streaks[kind] >= needed:
                 diagnosis = Diagnosis.from_finding(finding, step, epoch)
                 self.diagnoses.append(diagnosis)
                 self._active[kind] = diagnosis
                 appeared.append(diagnosis)
+                self._streaks[kind] = 0
         for kind in list(self._active):
-            if kind not in found and kind not in STICKY:
+            if kind in found or kind in STICKY:
+                continue
+            needed = 1 if kind in EVENTS else self.confirm_checks
+            if self._streaks.get(kind, 0) >= needed:
                 diagnosis = self._active.pop(kind)
                 diagnosis.cleared_step = step
                 cleared.append(diagnosis)
+                self._streaks[kind] = 0
 
     @property
     def active(self) -> list[Diagnosis]:
@@ -378,7 +403,10 @@ class TrainingDoctor(Callback):
                 self._initial.append(loss)
             horizon = self._horizon
             if horizon is not None and step <= horizon and math.isfinite(loss):
-                self._early_max = loss if self._early_max is None else max(self._early_max, loss)
+                # A rolling median, so that one outlier batch is not mistaken for instability.
+                self._early.append(loss)
+                level = statistics.median(self._early)
+                self._early_max = level if self._early_max is None else max(self._early_max, level)
 
     # ---------------------------------------------------------------------------------- output
     def _log(self, trainer: Trainer, step: int) -> None:
@@ -429,6 +457,7 @@ class TrainingDoctor(Callback):
             "lrs": list(self._lrs),
             "val_losses": list(self._val_losses),
             "train_epoch_losses": list(self._train_epoch_losses),
+            "streaks": dict(self._streaks),
         }
 
     @override
@@ -443,6 +472,7 @@ class TrainingDoctor(Callback):
         self._lrs = list(state_dict["lrs"])
         self._val_losses = list(state_dict["val_losses"])
         self._train_epoch_losses = list(state_dict["train_epoch_losses"])
+        self._streaks = {str(k): int(v) for k, v in state_dict.get("streaks", {}).items()}
 
 
 # ----------------------------------------------------------------------------------- helpers

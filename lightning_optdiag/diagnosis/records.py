@@ -55,14 +55,7 @@ class Finding:
     recommendation: str
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"Invalid kind: {self.kind!r} (expected one of {', '.join(KINDS)})")
-        if self.severity not in SEVERITIES:
-            raise ValueError(
-                f"Invalid severity: {self.severity!r} (expected one of {', '.join(SEVERITIES)})"
-            )
-        if not 0.0 <= self.confidence <= 1.0:
-            raise ValueError(f"Invalid confidence: {self.confidence} (expected a number in [0, 1])")
+        _check_record(self.kind, self.severity, self.confidence)
 
 
 @dataclass
@@ -90,6 +83,9 @@ class Diagnosis:
     recommendation: str
     epoch: int = 0
     cleared_step: int | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        _check_record(self.kind, self.severity, self.confidence)
 
     @property
     def active(self) -> bool:
@@ -120,9 +116,27 @@ class Diagnosis:
         return cls(**record)
 
 
+def _check_record(kind: Any, severity: Any, confidence: Any) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"Invalid kind: {kind!r} (expected one of {', '.join(KINDS)})")
+    if severity not in SEVERITIES:
+        raise ValueError(
+            f"Invalid severity: {severity!r} (expected one of {', '.join(SEVERITIES)})"
+        )
+    if isinstance(confidence, bool) or not isinstance(confidence, int | float):
+        raise TypeError(
+            f"Invalid confidence: {confidence!r} (expected a number in [0, 1], "
+            f"got {type(confidence).__name__})"
+        )
+    if not 0.0 <= confidence <= 1.0:
+        raise ValueError(f"Invalid confidence: {confidence} (expected a number in [0, 1])")
+
+
 def _json_value(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, list | tuple):
         return [_json_value(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _json_value(item) for key, item in value.items()}
     return value

@@ -77,7 +77,12 @@ class Observations:
             :func:`~lightning_optdiag.signals.stability_rule`), or ``None``.
         warmup_horizon: ``2 / (1 - beta2)`` steps for adaptive optimizers.
         has_warmup: the learning rate rose during the first steps (a warm-up is in place).
-        early_max_loss: the largest training loss within the warm-up horizon.
+        early_max_loss: the largest training loss within the warm-up horizon (of a rolling
+            median, so that one outlier batch does not count).
+        active: the kinds diagnosed at the previous evaluation. Some rules use them for
+            hysteresis, so that a condition at the edge of its threshold does not flap: an
+            active plateau clears only when the loss falls by twice ``plateau_min_decrease``;
+            active overfitting only when the validation loss reaches a new best.
     """
 
     step: int
@@ -99,6 +104,7 @@ class Observations:
     warmup_horizon: int | None = None
     has_warmup: bool = False
     early_max_loss: float | None = None
+    active: frozenset[str] = frozenset()
 
 
 def diagnose(observations: Observations, thresholds: Thresholds | None = None) -> list[Finding]:
@@ -118,9 +124,9 @@ def diagnose(observations: Observations, thresholds: Thresholds | None = None) -
         _plateau,
         _lr_too_high,
         _lr_too_small,
-        _gradient_noise,
         _critical_point,
         _model_bias,
+        _gradient_noise,
         _overfitting,
     )
     findings: list[Finding] = []
@@ -148,9 +154,8 @@ class _State:
     def of(cls, obs: Observations, th: Thresholds) -> _State:
         finite = [value for value in obs.losses if math.isfinite(value)]
         trend = trend_test(finite) if len(finite) >= MIN_TREND_VALUES else None
-        plateau = trend is not None and not trend.is_improving(
-            th.plateau_alpha, th.plateau_min_decrease
-        )
+        needed = th.plateau_min_decrease * (2.0 if "plateau" in obs.active else 1.0)
+        plateau = trend is not None and not trend.is_improving(th.plateau_alpha, needed)
         grad_now = _recent_gradient(obs)
         peak = obs.peak_grad_norm
         fraction = None
@@ -160,7 +165,10 @@ class _State:
         ratio = statistics.median(ratios) if ratios else None
         if ratio is None and obs.curvature is not None:
             ratio = obs.curvature.sharpness_ratio
-        noise = obs.noise.noise_to_signal if obs.noise is not None else None
+        if ratio is not None and not math.isfinite(ratio):
+            ratio = None
+        trusted = obs.noise is not None and obs.noise.measurements >= th.noise_min_measurements
+        noise = obs.noise.noise_to_signal if trusted and obs.noise is not None else None
         noise = noise if noise is not None and not math.isnan(noise) else None
         stationary = (fraction is not None and fraction <= th.stationary_grad_ratio) or (
             noise is not None and noise >= th.noise_dominance
@@ -248,7 +256,7 @@ def _vanishing(obs: Observations, th: Thresholds, s: _State, f: list[Finding]) -
 
 
 def _needs_warmup(obs: Observations, th: Thresholds, s: _State, f: list[Finding]) -> Finding | None:
-    adaptive = obs.optimizer_family in ("adam", "rmsprop")
+    adaptive = obs.optimizer_family == "adam"
     if not adaptive or obs.has_warmup or obs.warmup_horizon is None:
         return None
     rise = None
@@ -293,6 +301,7 @@ def _plateau(obs: Observations, th: Thresholds, s: _State, f: list[Finding]) -> 
             "relative_change": t.relative_change,
             "p_value_not_decreasing": t.p_decreasing,
             "slope_per_step": t.slope,
+            "kendall_tau": t.tau,
             "mean_loss": t.mean,
         },
         message=f"The training loss stopped improving over the last {t.num_values} steps "
@@ -334,6 +343,8 @@ def _lr_too_small(obs: Observations, th: Thresholds, s: _State, f: list[Finding]
         return None
     if -t.relative_change >= th.slow_progress:
         return None  # progressing well enough
+    if t.p_increasing < th.plateau_alpha or obs.spike_steps or obs.nonfinite_steps:
+        return None  # a rising or unstable loss is not a timid step
     strong = (s.noise_to_signal is not None and s.noise_to_signal < 1.0) or (
         s.noise_to_signal is None
         and s.grad_fraction is not None
@@ -365,6 +376,8 @@ def _gradient_noise(
 ) -> Finding | None:
     if not s.plateau or s.noise_to_signal is None or s.noise_to_signal < th.noise_dominance:
         return None
+    if {finding.kind for finding in f} & {"saddle_point", "model_bias", "lr_too_high"}:
+        return None  # the noise is a symptom there, not the cause
     assert obs.noise is not None
     return Finding(
         kind="gradient_noise",
@@ -375,11 +388,19 @@ def _gradient_noise(
             "batch_size": obs.noise.batch_size,
             "noise_to_signal": s.noise_to_signal,
         },
-        message=f"The gradient noise scale is {s.noise_to_signal:.3g}x the batch size: "
-        "mini-batch gradients are mostly noise and the loss has stalled.",
+        message=(
+            f"The gradient noise scale is {s.noise_to_signal:.3g}x the batch size"
+            if math.isfinite(s.noise_to_signal)
+            else "No mean gradient is measurable above the noise"
+        )
+        + ": mini-batch gradients are mostly noise and the loss has stalled.",
         recommendation="Decay the learning rate (step or cosine decay), grow the batch size "
-        f"towards the noise scale (about {obs.noise.simple_noise_scale:.3g}), or switch from "
-        "Adam to SGD with momentum for the final phase (SWATS).",
+        + (
+            f"towards the noise scale (about {obs.noise.simple_noise_scale:.3g}), "
+            if math.isfinite(obs.noise.simple_noise_scale)
+            else ""
+        )
+        + "or switch from Adam to SGD with momentum for the final phase (SWATS).",
     )
 
 
@@ -389,6 +410,8 @@ def _critical_point(
     curvature = obs.curvature
     if not (s.plateau and s.stationary) or curvature is None:
         return None
+    if any(finding.kind == "lr_too_high" for finding in f):
+        return None  # the gradient is large for the curvature: not a critical point
     top, bottom = curvature.lambda_max, curvature.lambda_min
     evidence = {
         "lambda_max": top,
@@ -433,16 +456,18 @@ def _loss_is_high(obs: Observations, th: Thresholds, s: _State) -> bool:
         return False
     if th.target_loss is not None:
         return s.loss_now > th.target_loss
-    return obs.initial_loss is not None and s.loss_now > th.high_loss_fraction * obs.initial_loss
+    # A fraction of the initial loss only means something for losses bounded below by zero.
+    initial = obs.initial_loss
+    return initial is not None and initial > 0 and s.loss_now > th.high_loss_fraction * initial
 
 
 def _model_bias(obs: Observations, th: Thresholds, s: _State, f: list[Finding]) -> Finding | None:
     if not s.plateau or not _loss_is_high(obs, th, s):
         return None
     found = {finding.kind for finding in f}
-    if found & {"lr_too_high", "saddle_point", "nonfinite", "exploding_gradients"}:
+    if found & {"lr_too_high", "lr_too_small", "saddle_point", "nonfinite", "exploding_gradients"}:
         return None  # an optimization issue explains the high loss
-    if s.grad_fraction is not None and not s.stationary and obs.curvature is not None:
+    if s.grad_fraction is not None and not s.stationary:
         return None  # still moving: not yet settled at what the model can do
     gap = None
     if obs.val_losses and obs.train_epoch_losses:
@@ -481,14 +506,15 @@ def _overfitting(obs: Observations, th: Thresholds, s: _State, f: list[Finding])
     best_epoch = min(range(len(val)), key=val.__getitem__)
     best, now = val[best_epoch], val[-1]
     since = len(val) - 1 - best_epoch
-    if since < th.overfit_patience or not now > best * (1.0 + th.overfit_min_rise):
+    rise = 0.0 if "overfitting" in obs.active else th.overfit_min_rise
+    if since < th.overfit_patience or not now - best > rise * abs(best):
         return None
     if len(train) == len(val) and not train[-1] <= train[best_epoch]:
         return None  # the training loss rose too: not overfitting
     return Finding(
         kind="overfitting",
         severity="warning",
-        confidence=_beyond(now / best - 1.0, th.overfit_min_rise),
+        confidence=_beyond((now - best) / abs(best), th.overfit_min_rise) if best else 0.5,
         evidence={
             "best_val_loss": best,
             "best_epoch_index": best_epoch,

@@ -47,6 +47,8 @@ class Thresholds:
         warmup_loss_rise: under an adaptive optimizer without warm-up, a loss that rises above
             ``(1 + warmup_loss_rise)`` times its initial value within the warm-up horizon
             ``2 / (1 - beta2)`` steps (Ma & Yarats 2019, arXiv:1910.04209) is early instability.
+        noise_min_measurements: noise-scale measurements needed before the noise scale is
+            trusted (each is one training batch cut into chunks: a single one is very noisy).
         event_window: steps after which an event-based diagnosis (non-finite values, gradient
             spikes) with no new event clears.
 
@@ -69,13 +71,14 @@ class Thresholds:
     overfit_patience: int = 3
     overfit_min_rise: float = 0.05
     warmup_loss_rise: float = 0.5
+    noise_min_measurements: int = 3
     event_window: int = 200
 
     def __post_init__(self) -> None:
         unit = ("plateau_alpha", "saddle_tau", "stationary_grad_ratio", "large_grad_ratio")
         for item in fields(self):
             value = getattr(self, item.name)
-            if item.name in ("overfit_patience", "event_window"):
+            if item.name in ("overfit_patience", "event_window", "noise_min_measurements"):
                 check_int(item.name, value, minimum=1)
             elif item.name == "target_loss":
                 if value is not None:
@@ -84,3 +87,12 @@ class Thresholds:
                 check_float(item.name, value, minimum=0.0, maximum=1.0, exclusive_minimum=True)
             else:
                 check_float(item.name, value, minimum=0.0, exclusive_minimum=True)
+        for low, high in (
+            ("stationary_grad_ratio", "large_grad_ratio"),
+            ("lr_low_ratio", "lr_high_ratio"),
+        ):
+            if not getattr(self, low) < getattr(self, high):
+                raise ValueError(
+                    f"Invalid {low}: {getattr(self, low)} (expected less than {high}="
+                    f"{getattr(self, high)}: a value cannot be both below and above them)"
+                )
