@@ -15,6 +15,10 @@ DEMO_SCENARIOS = {
     "healthy": "a regression MLP trained with Adam; nothing should be reported",
     "nan": "SGD with a learning rate that blows up: non-finite steps skipped, then a stop",
     "exploding": "outlier batches at steps 60, 120, 180: gradient spikes flagged",
+    "saddle": "a linear network initialised to zero: stuck at a saddle point",
+    "oscillation": "learning rate 1.5x the stability threshold: the loss bounces in a ravine",
+    "plateau": "a linear model on a non-linear target: a minimum with a high loss (model bias)",
+    "overfitting": "a wide MLP on 64 noisy samples: the validation loss turns up",
 }
 
 
@@ -28,8 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo",
         help="train a small model on built-in data with the callbacks attached",
-        description="Train a small model on built-in synthetic data with GradientMonitor and "
-        "NonFiniteGuard attached, print what they found, and write TensorBoard logs.",
+        description="Train a small model on built-in synthetic data with GradientMonitor, "
+        "NonFiniteGuard, CurvatureMonitor and TrainingDoctor attached, print what they found "
+        "and the doctor's diagnoses, and write TensorBoard logs.",
         epilog="scenarios:\n"
         + "\n".join(f"  {name:<10} {text}" for name, text in DEMO_SCENARIOS.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -119,11 +124,18 @@ def _print_demo(console: Any, result: Any) -> None:
         for steps, source, kind, detail in _runs(rows):
             events.add_row(steps, source, kind, escape(detail))
         console.print(events)
-    else:
+    curvature = result.curvature
+    if curvature is not None and curvature.latest is not None:
+        latest = curvature.latest
+        ratio = "n/a" if latest.sharpness_ratio is None else f"{latest.sharpness_ratio:.3g}"
         console.print(
-            "[green]No problem found:[/green] gradients stayed finite, "
-            "with no spike and no vanishing layer."
+            f"Hessian at step {latest.step}: lambda_max {latest.lambda_max:.4g}, "
+            f"lambda_min {latest.lambda_min:.4g}, sharpness / stability threshold {ratio} "
+            f"({len(curvature.history)} checks)"
         )
+    from lightning_optdiag.report import full_report
+
+    console.print(full_report(result.doctor.diagnoses, result.steps))
     console.print(
         f"TensorBoard logs: [bold]{result.logdir}[/bold] "
         f"(view them with: tensorboard --logdir {result.logdir})"

@@ -323,7 +323,9 @@ def run_demo(
     spec = SCENARIOS[scenario]
     monitor = GradientMonitor(log_every_n_steps=10)
     guard = NonFiniteGuard(action="skip", locate=True, max_consecutive_skips=10)
-    curvature = CurvatureMonitor(every_n_steps=50)
+    # The demo's models take about a millisecond per step, so any Hessian check costs dozens of
+    # steps: at the default 5% budget the first scheduled check would come after the demo ends.
+    curvature = CurvatureMonitor(every_n_steps=50, max_overhead=None)
     doctor = TrainingDoctor(check_every_n_steps=20, window=100, console=console)
     logger = TensorBoardLogger(save_dir=str(logdir), name=scenario, default_hp_metric=False)
     train, val = spec.data(seed)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_optdiag.cli import main
-from lightning_optdiag.demo import run_demo
+from lightning_optdiag.cli import DEMO_SCENARIOS, main
+from lightning_optdiag.demo import SCENARIOS, run_demo
 
 
 def optdiag(*args: str) -> subprocess.CompletedProcess[str]:
@@ -29,7 +29,7 @@ def test_help_is_fast_and_lists_the_scenarios() -> None:
     result = optdiag("demo", "--help")
     elapsed = time.perf_counter() - started
     assert result.returncode == 0
-    for scenario in ("healthy", "nan", "exploding"):
+    for scenario in SCENARIOS:
         assert scenario in result.stdout
     assert elapsed < 5.0  # no torch or Lightning import just to print help
 
@@ -96,3 +96,22 @@ def test_demo_command_prints_the_findings_and_the_log_directory(tmp_path: Path, 
     assert "What was found" in output
     assert output.count("spike") >= 3
     assert str(tmp_path) in output.replace("\n", "")
+
+
+def test_the_command_offers_every_demo_scenario() -> None:
+    # The command keeps its own one-line descriptions so that --help needs no torch import.
+    assert list(DEMO_SCENARIOS) == list(SCENARIOS)
+
+
+def test_demo_command_prints_the_doctors_report(tmp_path: Path, capsys) -> None:
+    assert main(["demo", "--scenario", "saddle", "--logdir", str(tmp_path)]) == 0
+    output = capsys.readouterr().out
+    assert "optdiag report" in output
+    assert "saddle_point" in output
+    assert "lambda_min" in output
+
+
+def test_healthy_demo_command_reports_no_problem(tmp_path: Path, capsys) -> None:
+    assert main(["demo", "--scenario", "healthy", "--steps", "120", "--logdir", str(tmp_path)]) == 0
+    output = capsys.readouterr().out
+    assert "No problems diagnosed." in output

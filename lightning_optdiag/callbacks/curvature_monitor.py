@@ -145,8 +145,10 @@ class CurvatureMonitor(Callback):
             scale (one extra gradient per chunk, about one training step in all).
         loss_fn: ``loss_fn(module, batch) -> scalar`` replacing the muted ``training_step``.
         params: restrict the Hessian to a submodule or parameter name prefix (``"encoder"``).
-        max_overhead: largest share of training time the checks may take; the interval is
-            stretched to respect it (``None``: never stretched).
+        max_overhead: largest share of training time the checks may take, counted from the
+            start of the run: a check is deferred until the training time it needs has passed,
+            including the first (``None``: checks every ``every_n_steps`` whatever they cost).
+            On-demand checks (:meth:`measure`) always run, and count towards the budget.
         cold_start_every: every how many checks the eigenvalue runs start from a random vector.
         optimizer_index: which of the trainer's optimizers the sharpness ratio refers to.
         seed: seed of the random start vectors (the same on every process).
@@ -227,8 +229,10 @@ class CurvatureMonitor(Callback):
         self._noise = GradientNoiseScale()
         self._warm: dict[str, Tensor] = {}
         self._checks = 0
-        self._interval = self.every_n_steps
+        self._next_check = self.every_n_steps
         self._last_check_step = 0
+        self._check_seconds = 0.0
+        self._last_cost: float | None = None
         self._last_step_seen = -1
         self._train_seconds = 0.0
         self._train_steps = 0
@@ -241,8 +245,15 @@ class CurvatureMonitor(Callback):
 
     @property
     def interval(self) -> int:
-        """Steps between checks now (``every_n_steps``, or more when stretched by the budget)."""
-        return self._interval
+        """Steps from the last check to the next one planned (``every_n_steps``, or more when
+        the ``max_overhead`` budget defers it)."""
+        return self._next_check - self._last_check_step
+
+    @property
+    def next_check_step(self) -> int:
+        """The step at which the next scheduled check is due (re-planned if the budget has
+        not been earned by then)."""
+        return self._next_check
 
     # ------------------------------------------------------------------------------------ hooks
     @override
@@ -281,7 +292,12 @@ class CurvatureMonitor(Callback):
             return  # a micro-batch of gradient accumulation: no optimizer step yet
         self._last_step_seen = step
         self._train_steps += 1
-        if step - self._last_check_step >= self._interval and self._probe:
+        if step < self._next_check or not self._probe:
+            return
+        wait = self._steps_until_affordable(trainer)
+        if wait > 0:
+            self._next_check = step + wait
+        else:
             self.measure(trainer, pl_module)
 
     # ------------------------------------------------------------------------------- measuring
@@ -331,8 +347,10 @@ class CurvatureMonitor(Callback):
             record.num_hvps = operator.num_hvps
         record.seconds = time.perf_counter() - started
         self._checks += 1
+        self._check_seconds += record.seconds
+        self._last_cost = record.seconds
         self._last_check_step = trainer.global_step
-        self._stretch(trainer, record.seconds)
+        self._next_check = trainer.global_step + self.every_n_steps
         self.history.append(record)
         self._log(trainer, record)
         return record
@@ -441,16 +459,26 @@ class CurvatureMonitor(Callback):
 
         return training_loss
 
-    def _stretch(self, trainer: Trainer, seconds: float) -> None:
-        """Lengthen the interval so that checks take at most ``max_overhead`` of the time."""
-        interval = self.every_n_steps
+    def _steps_until_affordable(self, trainer: Trainer) -> int:
+        """Training steps still needed before the next check fits the ``max_overhead`` budget.
+
+        A token bucket: checks may use ``max_overhead`` of the training time spent so far,
+        and the next one is predicted to cost as much as the last (before the first, about
+        ``2 max_hvps + noise_chunks`` gradient computations, an HVP costing about two). So
+        the share of time spent on checks never exceeds the budget by more than the error of
+        that prediction, however long or short the run.
+        """
+        wait = 0
         if self.max_overhead is not None and self._train_steps > 0:
             per_step = self._train_seconds / self._train_steps
-            if per_step > 0:
-                needed = seconds / (self.max_overhead * per_step)
-                interval = max(interval, math.ceil(needed))
+            predicted = self._last_cost
+            if predicted is None:
+                predicted = (2 * self.max_hvps + self.noise_chunks) * per_step
+            deficit = (self._check_seconds + predicted) / self.max_overhead - self._train_seconds
+            if deficit > 0 and per_step > 0:
+                wait = math.ceil(deficit / per_step)
         # Every process must check at the same steps: rank zero decides.
-        self._interval = int(trainer.strategy.broadcast(interval, src=0))
+        return int(trainer.strategy.broadcast(wait, src=0))
 
     # -------------------------------------------------------------------------------- logging
     def _log(self, trainer: Trainer, record: CurvatureRecord) -> None:
@@ -485,7 +513,9 @@ class CurvatureMonitor(Callback):
             "history": [asdict(record) for record in self.history],
             "noise": self._noise.state_dict(),
             "checks": self._checks,
-            "interval": self._interval,
+            "next_check": self._next_check,
+            "check_seconds": self._check_seconds,
+            "last_cost": self._last_cost,
             "last_check_step": self._last_check_step,
             "train_seconds": self._train_seconds,
             "train_steps": self._train_steps,
@@ -496,7 +526,9 @@ class CurvatureMonitor(Callback):
         self.history = [CurvatureRecord(**record) for record in state_dict["history"]]
         self._noise.load_state_dict(state_dict["noise"])
         self._checks = int(state_dict["checks"])
-        self._interval = int(state_dict["interval"])
+        self._next_check = int(state_dict["next_check"])
+        self._check_seconds = float(state_dict["check_seconds"])
+        self._last_cost = state_dict["last_cost"]
         self._last_check_step = int(state_dict["last_check_step"])
         self._train_seconds = float(state_dict["train_seconds"])
         self._train_steps = int(state_dict["train_steps"])

@@ -74,10 +74,15 @@ def stability_rule(
 
     Supported: :class:`torch.optim.SGD` (plain, heavy-ball, Nesterov) and optimizers with the
     same group keys (such as ``SGDW``); the Adam family (state ``exp_avg_sq`` with ``betas``:
-    Adam, AdamW, NAdam, RAdam, AdaBound, and SWATS before its switch); RMSprop; Adagrad;
-    wrappers exposing ``base_optimizer`` (Lookahead: its slow-weight averaging does not change
-    the fast weights' stability). Layer-wise trust-ratio methods (LARS, LAMB) and second-order
-    methods have no such threshold.
+    Adam, AdamW, AMSGrad, and SWATS before its switch; AdaBound too, whose step clipping is not
+    modelled); RMSprop; Adagrad; wrappers exposing ``base_optimizer`` (Lookahead: its
+    slow-weight averaging does not change the fast weights' stability). Not supported: NAdam
+    and RAdam (their momentum schedule and rectification change the threshold), layer-wise
+    trust-ratio methods (LARS, LAMB) and second-order methods.
+
+    Adam's constant holds once the bias correction of its first moment has faded (after about
+    ``1 / (1 - beta1)`` steps); in the very first steps the full preconditioned step is taken
+    and the effective constant is closer to 2.
 
     Parameters the optimizer does not hold get ``D = 0`` (they never move).
 
@@ -89,7 +94,9 @@ def stability_rule(
     if isinstance(base, torch.optim.Optimizer):
         return stability_rule(base, params)
     name = type(optimizer).__name__
-    if name in ("LAMB", "LARS", "LBFGS") or getattr(optimizer, "switched", False):
+    if name in ("LAMB", "LARS") or isinstance(optimizer, _UNMODELLED):
+        return None
+    if getattr(optimizer, "switched", False):
         return None
     owner: dict[int, dict[str, Any]] = {}
     for group in optimizer.param_groups:
@@ -148,7 +155,11 @@ def _family(group: dict[str, Any], optimizer: torch.optim.Optimizer) -> tuple[st
     return None, math.nan
 
 
-_ADAM_LIKE = (torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam, torch.optim.RAdam)
+_ADAM_LIKE = (torch.optim.Adam, torch.optim.AdamW)
+# Updates the rules above do not describe: NAdam's Nesterov-style momentum schedule is stable only
+# at about a tenth of Adam's threshold, RAdam's rectification rescales (or drops) the
+# preconditioned step, LBFGS is second-order.
+_UNMODELLED = (torch.optim.NAdam, torch.optim.RAdam, torch.optim.LBFGS)
 
 
 def _has_state(optimizer: torch.optim.Optimizer, key: str) -> bool:
@@ -177,16 +188,18 @@ def _inverse_preconditioner(
             square = square - state["grad_avg"] ** 2
         return 1.0 / (square.clamp_min(0).sqrt() + eps)
     accumulated = state.get("sum")  # adagrad
-    if accumulated is None:
-        return None
-    step = float(state.get("step", 1))
+    step = float(state.get("step", 0))
+    if accumulated is None or step == 0:
+        return None  # torch's Adagrad creates its sums in the constructor: wait for a step
     decay = 1.0 / (1.0 + max(step - 1.0, 0.0) * float(group.get("lr_decay", 0.0)))
     return decay / (accumulated.sqrt() + eps)
 
 
 def optimizer_family(optimizer: torch.optim.Optimizer) -> str | None:
-    """The family of ``optimizer`` as :func:`stability_rule` names it (``None``: unsupported),
-    judged from its first parameter group; usable before the first step."""
+    """The family of ``optimizer`` for recommendations, judged from its first parameter group
+    and usable before the first step: ``"adam"`` for every optimizer with ``betas`` (the ones
+    that want a warm-up), else as :func:`stability_rule` names it (``None``: none of these).
+    Unlike :func:`stability_rule`, it does not say whether a stability threshold is known."""
     base = getattr(optimizer, "base_optimizer", None)
     if isinstance(base, torch.optim.Optimizer):
         return optimizer_family(base)

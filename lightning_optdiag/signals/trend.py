@@ -67,7 +67,8 @@ def trend_test(
     Args:
         values: finite losses in step order (a few per block at least).
         num_blocks: how many blocks to cut the series into (at least 3; capped at the number
-            of values).
+            of values). The smallest p-value ``n`` blocks can give is ``1 / n!``: 3 blocks can
+            never reach 0.05, 4 barely; the default 10 gives ample resolution.
 
     Returns:
         A :class:`TrendTest`.
