@@ -181,7 +181,7 @@ SCENARIOS: dict[str, Scenario] = {
     ),
     "nan": Scenario(
         "SGD with a learning rate that blows up (NaN/inf)",
-        ("nonfinite",),
+        ("nonfinite", "exploding_gradients"),
         _mlp,
         _regression_data,
         _sgd(2.0),
@@ -222,7 +222,8 @@ SCENARIOS: dict[str, Scenario] = {
     ),
     "overfitting": Scenario(
         "a wide MLP on 64 noisy samples: validation loss turns up",
-        ("overfitting",),
+        # Once the training loss sits at zero it stops improving too: a plateau (info).
+        ("overfitting", "plateau"),
         _wide_mlp,
         _small_noisy_data,
         _adam(3e-3),
