@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -37,3 +38,22 @@ def test_curvature_quickstart_rejects_bad_arguments() -> None:
     result = run("examples/curvature_quickstart.py", "--every", "0")
     assert result.returncode == 2
     assert "--every >= 1" in result.stderr
+
+
+def test_diagnose_training_finds_the_saddle_of_a_zero_initialisation(tmp_path: Path) -> None:
+    report = tmp_path / "diagnoses.json"
+    result = run("examples/diagnose_training.py", "--init", "zeros", "--json", str(report))
+    assert result.returncode == 0, result.stderr
+    assert "saddle_point" in result.stdout
+    diagnoses = json.loads(report.read_text())["diagnoses"]
+    assert {d["kind"] for d in diagnoses} == {"plateau", "saddle_point"}
+    saddle = next(d for d in diagnoses if d["kind"] == "saddle_point")
+    assert saddle["evidence"]["lambda_min"] < -0.5 * saddle["evidence"]["lambda_max"]
+
+
+def test_diagnose_training_reports_nothing_for_a_healthy_initialisation(tmp_path: Path) -> None:
+    report = tmp_path / "diagnoses.json"
+    result = run("examples/diagnose_training.py", "--init", "default", "--json", str(report))
+    assert result.returncode == 0, result.stderr
+    assert "No problems diagnosed." in result.stdout
+    assert json.loads(report.read_text())["diagnoses"] == []

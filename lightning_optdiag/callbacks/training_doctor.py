@@ -161,6 +161,7 @@ class TrainingDoctor(Callback):
         self._early_max: float | None = None
         self._early: deque[float] = deque(maxlen=EARLY_MEDIAN_STEPS)
         self._peak_grad: float | None = None
+        self._explosions: list[tuple[int, float]] = []  # (step, ratio to the running median)
         self._lrs: list[float] = []
         self._val_losses: list[float] = []
         self._train_epoch_losses: list[float] = []
@@ -278,13 +279,10 @@ class TrainingDoctor(Callback):
         spikes: list[int] = []
         ratio = None
         vanishing: list[str] = []
+        recent = [(s, r) for s, r in self._explosions if s > step - th.event_window]
+        spikes = [s for s, _ in recent]
+        ratio = max((r for _, r in recent), default=None)
         if gradients is not None:
-            recent = [
-                e for e in gradients.events if e.kind == "spike" and e.step > step - th.event_window
-            ]
-            spikes = [e.step for e in recent]
-            ratios = [e.value / e.reference for e in recent if e.reference > 0]
-            ratio = max(ratios) if ratios else None
             latest = gradients.latest.get(0)
             vanishing = list(latest.vanishing) if latest is not None else []
         nonfinite: list[int] = []
@@ -376,6 +374,11 @@ class TrainingDoctor(Callback):
             latest = gradients.latest.get(0)
             if latest is not None and latest.step == self._batch_step:
                 self._grad_norms.append(latest.total)
+                # A spike is an explosion only if it also tops every gradient norm seen before:
+                # once the gradients have shrunk near a solution, ten times their median can
+                # still be tiny.
+                if latest.spike and (self._peak_grad is None or latest.total > self._peak_grad):
+                    self._explosions.append((latest.step, latest.total / latest.median_total))
                 if math.isfinite(latest.total):
                     self._peak_grad = max(self._peak_grad or 0.0, latest.total)
         optimizer = _first_optimizer(trainer)
@@ -454,6 +457,7 @@ class TrainingDoctor(Callback):
             "initial": list(self._initial),
             "early_max": self._early_max,
             "peak_grad": self._peak_grad,
+            "explosions": [list(item) for item in self._explosions],
             "lrs": list(self._lrs),
             "val_losses": list(self._val_losses),
             "train_epoch_losses": list(self._train_epoch_losses),
@@ -469,6 +473,7 @@ class TrainingDoctor(Callback):
         self._initial = list(state_dict["initial"])
         self._early_max = state_dict["early_max"]
         self._peak_grad = state_dict["peak_grad"]
+        self._explosions = [(int(s), float(r)) for s, r in state_dict.get("explosions", [])]
         self._lrs = list(state_dict["lrs"])
         self._val_losses = list(state_dict["val_losses"])
         self._train_epoch_losses = list(state_dict["train_epoch_losses"])

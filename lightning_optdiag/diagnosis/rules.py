@@ -153,7 +153,10 @@ class _State:
     @classmethod
     def of(cls, obs: Observations, th: Thresholds) -> _State:
         finite = [value for value in obs.losses if math.isfinite(value)]
-        trend = trend_test(finite) if len(finite) >= MIN_TREND_VALUES else None
+        tail = finite[-max(1, len(finite) // 10) :]
+        loss_now = statistics.fmean(tail) if tail else None
+        small = loss_now is not None and _loss_is_small(loss_now, obs.initial_loss, th)
+        trend = trend_test(finite) if len(finite) >= MIN_TREND_VALUES and not small else None
         needed = th.plateau_min_decrease * (2.0 if "plateau" in obs.active else 1.0)
         plateau = trend is not None and not trend.is_improving(th.plateau_alpha, needed)
         grad_now = _recent_gradient(obs)
@@ -173,9 +176,13 @@ class _State:
         stationary = (fraction is not None and fraction <= th.stationary_grad_ratio) or (
             noise is not None and noise >= th.noise_dominance
         )
-        tail = finite[-max(1, len(finite) // 10) :]
-        loss_now = statistics.fmean(tail) if tail else None
         return cls(trend, plateau, grad_now, fraction, ratio, noise, stationary, loss_now)
+
+
+def _loss_is_small(loss: float, initial: float | None, th: Thresholds) -> bool:
+    if th.target_loss is not None:
+        return loss <= th.target_loss
+    return initial is not None and initial > 0 and loss < th.small_loss_fraction * initial
 
 
 def _recent_gradient(obs: Observations) -> float | None:

@@ -39,6 +39,10 @@ class Thresholds:
             (0.05: a 20x larger step would still be stable).
         high_loss_fraction: a stalled loss above this fraction of the initial loss is "still
             high" (model bias) unless ``target_loss`` is given.
+        small_loss_fraction: a training loss below this fraction of the initial loss (or at
+            most ``target_loss``) is small: training has done its job, and the stuck-training
+            rules (plateau, critical points, learning rate, noise) stand down; the course's
+            decision tree then looks at validation (overfitting) instead.
         target_loss: the loss a good model should reach (e.g. the noise floor); ``None`` uses
             ``high_loss_fraction``.
         overfit_patience: validation epochs since the best validation loss before overfitting
@@ -67,6 +71,7 @@ class Thresholds:
     lr_high_ratio: float = 1.0
     lr_low_ratio: float = 0.05
     high_loss_fraction: float = 0.5
+    small_loss_fraction: float = 0.01
     target_loss: float | None = None
     overfit_patience: int = 3
     overfit_min_rise: float = 0.05
@@ -75,7 +80,13 @@ class Thresholds:
     event_window: int = 200
 
     def __post_init__(self) -> None:
-        unit = ("plateau_alpha", "saddle_tau", "stationary_grad_ratio", "large_grad_ratio")
+        unit = (
+            "plateau_alpha",
+            "saddle_tau",
+            "stationary_grad_ratio",
+            "large_grad_ratio",
+            "small_loss_fraction",
+        )
         for item in fields(self):
             value = getattr(self, item.name)
             if item.name in ("overfit_patience", "event_window", "noise_min_measurements"):

@@ -58,19 +58,25 @@ def change_panel(
 
 
 def full_report(diagnoses: Sequence[Diagnosis], step: int) -> RenderableType:
-    """The end-of-training report: every diagnosis of the run, active ones first."""
+    """The end-of-training report: every diagnosis of the run, active ones first, each as a
+    heading line (kind, steps, severity, confidence), its finding and its recommendation."""
+    title = f"optdiag report · step {step}"
     if not diagnoses:
-        return Panel(
-            Text("No problems diagnosed.", style="green"),
-            title=f"optdiag report · step {step}",
-            expand=False,
-        )
+        return Panel(Text("No problems diagnosed.", style="green"), title=title, expand=False)
     ordered = sorted(diagnoses, key=lambda d: (not d.active, d.step))
     active = sum(d.active for d in diagnoses)
-    summary = Text(
-        f"{len(diagnoses)} diagnos{'is' if len(diagnoses) == 1 else 'es'}, {active} still active"
-    )
-    return Group(
-        diagnosis_table(ordered, title=f"optdiag report · step {step}"),
-        summary,
-    )
+    count = f"{len(diagnoses)} diagnos{'is' if len(diagnoses) == 1 else 'es'}, {active} active"
+    parts: list[RenderableType] = []
+    for diagnosis in ordered:
+        heading = Text()
+        heading.append("● " if diagnosis.active else "○ ", style=_STYLES[diagnosis.severity])
+        heading.append(diagnosis.kind, style="bold")
+        steps = f"steps {diagnosis.step}-" + (
+            "" if diagnosis.cleared_step is None else str(diagnosis.cleared_step)
+        )
+        heading.append(f"  {steps}  ")
+        heading.append(diagnosis.severity, style=_STYLES[diagnosis.severity])
+        heading.append(f"  confidence {diagnosis.confidence:.2f}")
+        body = Text(f"  {diagnosis.message}\n  → {diagnosis.recommendation}")
+        parts.extend([heading, body])
+    return Panel(Group(*parts), title=title, subtitle=count, expand=False)
