@@ -862,8 +862,8 @@ THRESHOLD_CASES: dict[str, Any] = {
         run(initial_loss=LOW_INITIAL),
         Thresholds(target_loss=1.0),
         {"plateau", "model_bias"},
-        Thresholds(target_loss=2.0),
-        {"plateau"},
+        Thresholds(target_loss=2.0),  # the target is reached: training has done its job
+        set(),
     ),
     "overfit_patience": lambda: (
         SCENARIOS["val_rising_for_two_epochs_only"][0],
@@ -898,9 +898,9 @@ def test_threshold_flips_the_outcome(name: str) -> None:
 
 
 def test_target_loss_overrides_high_loss_fraction() -> None:
-    # 75% of the initial loss is "high" by fraction, but below the target it is not.
+    # 75% of the initial loss is "high" by fraction, but at the target training is done.
     observations = run(initial_loss=HIGH_INITIAL)
-    assert kinds_of(observations, Thresholds(target_loss=2.0)) == {"plateau"}
+    assert kinds_of(observations, Thresholds(target_loss=2.0)) == set()
     bias = check_findings(diagnose(run(initial_loss=LOW_INITIAL), Thresholds(target_loss=1.0)))
     assert bias["model_bias"].evidence["target_loss"] == 1.0
     assert "target 1" in bias["model_bias"].message
@@ -1012,3 +1012,13 @@ def test_overfitting_with_negative_losses_needs_a_real_rise() -> None:
         train_epoch_losses=[-1.0, -2.0, -2.1, -2.2, -2.3],
     )
     assert kinds_of(observations) == set()
+
+
+def test_a_small_training_loss_stands_the_stuck_training_rules_down() -> None:
+    # The course's tree: a small training loss means looking at validation, not at the optimizer.
+    stuck = run(initial_loss=HIGH_INITIAL, grad_fraction=0.001, ratio=0.5, min_over_max=-0.5)
+    assert kinds_of(stuck) >= {"plateau", "saddle_point"}
+    level = flat_losses()[0]
+    tiny_fraction = Thresholds(small_loss_fraction=0.9)
+    assert level < 0.9 * HIGH_INITIAL
+    assert kinds_of(stuck, tiny_fraction) == set()

@@ -23,6 +23,7 @@ DEFAULTS = {
     "lr_high_ratio": 1.0,
     "lr_low_ratio": 0.05,
     "high_loss_fraction": 0.5,
+    "small_loss_fraction": 0.01,
     "target_loss": None,
     "overfit_patience": 3,
     "overfit_min_rise": 0.05,
@@ -31,7 +32,13 @@ DEFAULTS = {
     "event_window": 200,
 }
 INT_FIELDS = ("overfit_patience", "noise_min_measurements", "event_window")
-UNIT_FIELDS = ("plateau_alpha", "saddle_tau", "stationary_grad_ratio", "large_grad_ratio")
+UNIT_FIELDS = (
+    "plateau_alpha",
+    "saddle_tau",
+    "stationary_grad_ratio",
+    "large_grad_ratio",
+    "small_loss_fraction",
+)
 POSITIVE_FIELDS = tuple(
     name for name in DEFAULTS if name not in (*INT_FIELDS, *UNIT_FIELDS, "target_loss")
 )
