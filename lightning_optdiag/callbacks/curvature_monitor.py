@@ -224,7 +224,6 @@ class CurvatureMonitor(Callback):
         self.history: list[CurvatureRecord] = []
         self.density_estimate: SpectralDensity | None = None
         self._probe: list[tuple[Any, int]] = []
-        self._probe_step = -1
         self._current: tuple[Any, int] | None = None
         self._noise = GradientNoiseScale()
         self._warm: dict[str, Tensor] = {}
@@ -269,14 +268,19 @@ class CurvatureMonitor(Callback):
                 f"Invalid optimizer_index: {self.optimizer_index} (the trainer has "
                 f"{len(trainer.optimizers)} optimizer(s))"
             )
-        self._probe, self._probe_step = [], trainer.global_step
         self._tick = None
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Here, unlike in on_fit_start, a resumed run already has its global_step back.
+        self._probe = []
+        self._last_step_seen = trainer.global_step
 
     @override
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if len(self._probe) < self.probe_batches and trainer.global_step == self._probe_step:
+        if len(self._probe) < self.probe_batches:
             self._probe.append((tree_map(_detached_copy, batch), batch_idx))
         self._current = (batch, batch_idx)  # a fresh batch for the noise scale
         self._tick = time.perf_counter()
@@ -325,9 +329,10 @@ class CurvatureMonitor(Callback):
         with HessianOperator(
             pl_module, loss_fn, probe, params=self.params, hvp_reduce=reduce
         ) as operator:
+            warm = not cold and self._warm_start_for("hessian", operator.size) is not None
             spectrum = self._eigen(operator, "hessian", "both", cold, generator)
             record = _record_of(trainer.global_step, spectrum, operator)
-            record.warm_start = not cold and "hessian" in self._warm
+            record.warm_start = warm
             if optimizer is not None:
                 self._sharpness(record, operator, optimizer, spectrum, cold, generator)
             if self.trace:
@@ -363,9 +368,7 @@ class CurvatureMonitor(Callback):
         cold: bool,
         generator: torch.Generator,
     ) -> EigenResult:
-        previous = None if cold else self._warm.get(key)
-        if previous is not None and previous.shape[-1] != operator.size:
-            previous = None
+        previous = None if cold else self._warm_start_for(key, operator.size)
         k = min(self.k, operator.size)
         result = lanczos_eigenvalues(
             operator,
@@ -378,6 +381,10 @@ class CurvatureMonitor(Callback):
         )
         self._warm[key] = result.warm_start()
         return result
+
+    def _warm_start_for(self, key: str, size: int) -> Tensor | None:
+        previous = self._warm.get(key)
+        return previous if previous is not None and previous.shape[-1] == size else None
 
     def _sharpness(
         self,
@@ -507,6 +514,14 @@ class CurvatureMonitor(Callback):
                 )
 
     # ---------------------------------------------------------------------------- checkpoints
+    @property
+    @override
+    def state_key(self) -> str:
+        # Several monitors (on different parameter subsets, say) can share a Trainer.
+        return self._generate_state_key(
+            params=self.params, k=self.k, optimizer_index=self.optimizer_index
+        )
+
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -595,13 +610,16 @@ def _batch_size(batch: Any) -> int:
 
 
 def _chunks(item: Any, count: int, keyed: bool) -> tuple[list[Any], int] | None:
-    """``item`` cut into ``count`` equal chunks along the batch dimension, and the chunk size
-    (``None`` when the batch has fewer rows than ``count``); leftover rows are dropped."""
+    """``item`` cut into ``count`` equal chunks (fewer if the batch has under ``2 count``
+    rows, ``None`` under 4 rows) along the batch dimension, and the chunk size; leftover rows
+    are dropped."""
     batch = item[0] if keyed else item
     size = _batch_size(batch)
-    chunk = size // count
-    if chunk < 1:
+    # At least two rows per chunk: BatchNorm in training mode refuses a batch of one.
+    count = min(count, size // 2)
+    if count < 2:
         return None
+    chunk = size // count
     pieces = [_slice_batch(batch, size, j * chunk, (j + 1) * chunk) for j in range(count)]
     return [(piece, item[1]) if keyed else piece for piece in pieces], chunk
 
