@@ -6,11 +6,9 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from torch import Tensor
 
-from lightning_optdiag.signals import LayerGrouping, group_norms, tensor_norms, total_norm
+from lightning_optdiag.signals import tensor_norms
 
 NORM_TYPES = [2.0, 1.0, math.inf, 3.0]
 FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -133,7 +131,6 @@ def test_tensor_norms_of_empty_list() -> None:
     norms = tensor_norms([])
     assert norms.numel() == 0
     assert norms.shape == (0,)
-    assert total_norm(norms).item() == 0.0
 
 
 def test_tensor_norms_do_not_modify_inputs() -> None:
@@ -151,98 +148,3 @@ def test_tensor_norms_ignore_autograd() -> None:
     param = torch.nn.Parameter(torch.randn(4, 3))
     norms = tensor_norms([param])
     assert norms[0].item() == pytest.approx(reference_norm(param, 2.0), rel=1e-6)
-
-
-# ------------------------------------------------------------------------------ LayerGrouping
-def test_layer_grouping_from_labels() -> None:
-    labels = ["enc.0", "enc.0", "enc.1", "head", "enc.1", "enc.0", "head", "aux"]
-    grouping = LayerGrouping.from_labels(labels)
-    assert grouping.names == tuple(dict.fromkeys(labels))  # first appearance order
-    assert grouping.index.dtype == torch.long
-    assert grouping.index.shape == (len(labels),)
-    assert [grouping.names[i] for i in grouping.index.tolist()] == labels
-
-
-def test_layer_grouping_device_and_empty() -> None:
-    grouping = LayerGrouping.from_labels(["a", "b"], device=torch.device("cpu"))
-    assert grouping.index.device == torch.device("cpu")
-    empty = LayerGrouping.from_labels([])
-    assert empty.names == ()
-    assert empty.index.numel() == 0
-
-
-# ------------------------------------------------------------------ group_norms / total_norm
-shape_strategy = st.lists(st.integers(min_value=1, max_value=4), min_size=0, max_size=3).map(tuple)
-
-
-@settings(max_examples=60, deadline=None)
-@given(
-    shapes=st.lists(shape_strategy, min_size=1, max_size=8),
-    label_ids=st.lists(st.integers(min_value=0, max_value=3), min_size=8, max_size=8),
-    norm_type=st.sampled_from(NORM_TYPES),
-    seed=st.integers(min_value=0, max_value=2**31 - 1),
-)
-def test_group_and_total_norms_equal_norms_of_concatenations(
-    shapes: list[tuple[int, ...]], label_ids: list[int], norm_type: float, seed: int
-) -> None:
-    tensors = random_tensors(seed, shapes)
-    labels = [f"layer{label}" for label in label_ids[: len(tensors)]]
-    grouping = LayerGrouping.from_labels(labels)
-    norms = tensor_norms(tensors, norm_type)
-
-    grouped = group_norms(norms, grouping, norm_type)
-    assert grouped.shape == (len(grouping.names),)
-    for position, name in enumerate(grouping.names):
-        members = [t for t, label in zip(tensors, labels, strict=True) if label == name]
-        expected = reference_concat_norm(members, norm_type)
-        assert grouped[position].item() == pytest.approx(expected, rel=1e-5)
-
-    expected_total = reference_concat_norm(tensors, norm_type)
-    assert total_norm(norms, norm_type).item() == pytest.approx(expected_total, rel=1e-5)
-
-
-def test_group_norms_default_norm_type_is_euclidean() -> None:
-    tensors = random_tensors(7, [(3,), (4,), (5,)])
-    grouping = LayerGrouping.from_labels(["a", "b", "a"])
-    grouped = group_norms(tensor_norms(tensors), grouping)
-    assert grouped[0].item() == pytest.approx(
-        reference_concat_norm([tensors[0], tensors[2]], 2.0), rel=1e-6
-    )
-    assert grouped[1].item() == pytest.approx(reference_norm(tensors[1], 2.0), rel=1e-6)
-    assert total_norm(tensor_norms(tensors)).item() == pytest.approx(
-        reference_concat_norm(tensors, 2.0), rel=1e-6
-    )
-
-
-@pytest.mark.parametrize("norm_type", NORM_TYPES)
-def test_nonfinite_member_makes_only_its_group_nonfinite(norm_type: float) -> None:
-    tensors = random_tensors(8, [(3,), (4,), (5,), (2,)])
-    tensors[1][0] = math.nan
-    tensors[3][1] = math.inf
-    labels = ["a", "b", "a", "c"]
-    grouping = LayerGrouping.from_labels(labels)
-    norms = tensor_norms(tensors, norm_type)
-    grouped = group_norms(norms, grouping, norm_type)
-    assert grouped[0].item() == pytest.approx(
-        reference_concat_norm([tensors[0], tensors[2]], norm_type), rel=1e-6
-    )
-    assert math.isnan(grouped[1].item())
-    assert math.isinf(grouped[2].item())
-    assert not math.isfinite(total_norm(norms, norm_type).item())
-
-
-@pytest.mark.parametrize("norm_type", NORM_TYPES)
-def test_total_norm_of_a_single_tensor_is_its_norm(norm_type: float) -> None:
-    (tensor,) = random_tensors(9, [(6, 2)])
-    assert total_norm(tensor_norms([tensor], norm_type), norm_type).item() == pytest.approx(
-        reference_norm(tensor, norm_type), rel=1e-6
-    )
-
-
-def test_half_precision_group_and_total_stay_finite() -> None:
-    tensors = [torch.full((1000,), 60000.0, dtype=torch.float16) for _ in range(3)]
-    grouping = LayerGrouping.from_labels(["a", "a", "b"])
-    norms = tensor_norms(tensors)
-    grouped = group_norms(norms, grouping)
-    assert grouped[0].item() == pytest.approx(reference_concat_norm(tensors[:2], 2.0), rel=1e-6)
-    assert total_norm(norms).item() == pytest.approx(reference_concat_norm(tensors, 2.0), rel=1e-6)
