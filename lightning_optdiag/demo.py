@@ -222,8 +222,7 @@ SCENARIOS: dict[str, Scenario] = {
     ),
     "overfitting": Scenario(
         "a wide MLP on 64 noisy samples: validation loss turns up",
-        # Once the training loss sits at zero it stops improving too: a plateau (info).
-        ("overfitting", "plateau"),
+        ("overfitting",),
         _wide_mlp,
         _small_noisy_data,
         _adam(3e-3),

@@ -45,6 +45,7 @@ __all__ = ["TrainingDoctor"]
 PREFIX = "optdiag"
 INITIAL_STEPS = 5  # steps averaged for the initial loss
 EARLY_MEDIAN_STEPS = 5  # rolling median of early losses, for the warm-up rule
+EARLY_MEDIAN_MIN = 3  # values the rolling median needs (the median of one is no filter)
 STICKY = frozenset({"needs_warmup"})  # advice about the start of the run stays valid
 # Diagnoses of discrete events, reported at the first evaluation that sees them.
 EVENTS = frozenset({"nonfinite", "exploding_gradients", "vanishing_gradients", "needs_warmup"})
@@ -149,6 +150,7 @@ class TrainingDoctor(Callback):
         self.measure_on_plateau = measure_on_plateau
         self.confirm_checks = check_int("confirm_checks", confirm_checks, minimum=1)
         self._streaks: dict[str, int] = {}
+        self._counted: dict[str, int] = {}
         self.console = console
         self.tensorboard = tensorboard
         self.diagnoses: list[Diagnosis] = []
@@ -169,6 +171,8 @@ class TrainingDoctor(Callback):
         self._batch_step = 0
         self._evaluated_step = -1
         self._layout_written = False
+        self._text_stale = False
+        self._automatic = True
         self._horizon: int | None = None
         self._monitors: tuple[
             GradientMonitor | None, NonFiniteGuard | None, CurvatureMonitor | None
@@ -185,6 +189,7 @@ class TrainingDoctor(Callback):
         )
         optimizer = _first_optimizer(trainer)
         self._horizon = warmup_horizon(optimizer) if optimizer is not None else None
+        self._automatic = pl_module.automatic_optimization
         if self.tensorboard and trainer.is_global_zero and not self._layout_written:
             for logger in _tensorboard_loggers(trainer):
                 logger.experiment.add_custom_scalars(custom_scalars_layout())
@@ -220,7 +225,7 @@ class TrainingDoctor(Callback):
         metric = trainer.callback_metrics.get(self.val_loss_key)
         if metric is None:
             return
-        self._flush(pl_module.automatic_optimization)
+        self._flush()
         self._val_losses.append(float(metric))
         recent = self._epoch_losses or list(self._losses)[-10:]
         self._train_epoch_losses.append(sum(recent) / len(recent) if recent else math.nan)
@@ -239,7 +244,7 @@ class TrainingDoctor(Callback):
     # ------------------------------------------------------------------------------- evaluating
     def evaluate(self, trainer: Trainer, pl_module: LightningModule) -> list[Finding]:
         """Apply the rules now; record what appeared and what cleared. Returns the findings."""
-        self._flush(pl_module.automatic_optimization)
+        self._flush()
         step = trainer.global_step
         self._evaluated_step = step
         observations = self._observations(trainer, step)
@@ -332,6 +337,7 @@ class TrainingDoctor(Callback):
             warmup_horizon=self._horizon,
             has_warmup=len(self._lrs) > 1 and max(self._lrs) > self._lrs[0] * (1 + 1e-6),
             early_max_loss=self._early_max,
+            first_loss=self._initial[0] if self._initial else None,
             active=frozenset(self._active),
         )
 
@@ -342,7 +348,11 @@ class TrainingDoctor(Callback):
         appeared, cleared = self._unreported
         for kind in set(found) | set(self._streaks):
             changed = (kind in found) != (kind in self._active)
-            self._streaks[kind] = self._streaks.get(kind, 0) + 1 if changed else 0
+            if not changed:
+                self._streaks[kind] = 0
+            elif self._counted.get(kind) != step:  # one vote per step, however many checks
+                self._streaks[kind] = self._streaks.get(kind, 0) + 1
+            self._counted[kind] = step
         for kind, finding in found.items():
             needed = 1 if kind in EVENTS else self.confirm_checks
             if kind not in self._active and self._streaks[kind] >= needed:
@@ -350,6 +360,7 @@ class TrainingDoctor(Callback):
                 self.diagnoses.append(diagnosis)
                 self._active[kind] = diagnosis
                 appeared.append(diagnosis)
+                self._text_stale = True
                 self._streaks[kind] = 0
         for kind in list(self._active):
             if kind in found or kind in STICKY:
@@ -359,6 +370,7 @@ class TrainingDoctor(Callback):
                 diagnosis = self._active.pop(kind)
                 diagnosis.cleared_step = step
                 cleared.append(diagnosis)
+                self._text_stale = True
                 self._streaks[kind] = 0
 
     @property
@@ -377,16 +389,19 @@ class TrainingDoctor(Callback):
                 # A spike is an explosion only if it also tops every gradient norm seen before:
                 # once the gradients have shrunk near a solution, ten times their median can
                 # still be tiny.
-                if latest.spike and (self._peak_grad is None or latest.total > self._peak_grad):
-                    self._explosions.append((latest.step, latest.total / latest.median_total))
-                if math.isfinite(latest.total):
+                if latest.spike:
+                    if self._peak_grad is None or latest.total > self._peak_grad:
+                        self._explosions.append((latest.step, latest.total / latest.median_total))
+                elif math.isfinite(latest.total):
+                    # The peak of ordinary steps: a spike must not make every later gradient
+                    # look vanished, nor hide the next spike.
                     self._peak_grad = max(self._peak_grad or 0.0, latest.total)
         optimizer = _first_optimizer(trainer)
         horizon = self._horizon
         if optimizer is not None and horizon is not None and len(self._lrs) < horizon:
             self._lrs.append(float(optimizer.param_groups[0]["lr"]))
 
-    def _flush(self, automatic: bool) -> None:
+    def _flush(self) -> None:
         """Read the pending losses back (one transfer) and fold micro-batches into steps."""
         if not self._pending:
             return
@@ -399,7 +414,7 @@ class TrainingDoctor(Callback):
             parts = per_step[step]
             # Lightning divides each micro-batch loss by the accumulation count: the sum is the
             # step's mean loss. Manual optimization returns losses as they are.
-            loss = sum(parts) if automatic else sum(parts) / len(parts)
+            loss = sum(parts) if self._automatic else sum(parts) / len(parts)
             self._losses.append(loss)
             self._epoch_losses.append(loss)
             if len(self._initial) < INITIAL_STEPS and math.isfinite(loss):
@@ -408,8 +423,9 @@ class TrainingDoctor(Callback):
             if horizon is not None and step <= horizon and math.isfinite(loss):
                 # A rolling median, so that one outlier batch is not mistaken for instability.
                 self._early.append(loss)
-                level = statistics.median(self._early)
-                self._early_max = level if self._early_max is None else max(self._early_max, level)
+                if len(self._early) >= EARLY_MEDIAN_MIN:
+                    level = statistics.median(self._early)
+                    self._early_max = max(self._early_max or level, level)
 
     # ---------------------------------------------------------------------------------- output
     def _log(self, trainer: Trainer, step: int) -> None:
@@ -422,8 +438,8 @@ class TrainingDoctor(Callback):
             metrics[f"{PREFIX}/loss/val"] = self._val_losses[-1]
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
-        appeared, cleared = self._unreported
-        if self.tensorboard and (appeared or cleared):
+        if self.tensorboard and self._text_stale:
+            self._text_stale = False
             text = diagnoses_markdown(self.diagnoses)
             for logger in _tensorboard_loggers(trainer):
                 logger.experiment.add_text(f"{PREFIX}/diagnoses", text, step)
@@ -448,7 +464,7 @@ class TrainingDoctor(Callback):
     # ---------------------------------------------------------------------------- checkpoints
     @override
     def state_dict(self) -> dict[str, Any]:
-        self._flush(True)
+        self._flush()
         return {
             "diagnoses": [d.to_dict() for d in self.diagnoses],
             "active": [self.diagnoses.index(d) for d in self._active.values()],

@@ -79,6 +79,8 @@ class Observations:
         has_warmup: the learning rate rose during the first steps (a warm-up is in place).
         early_max_loss: the largest training loss within the warm-up horizon (of a rolling
             median, so that one outlier batch does not count).
+        first_loss: the training loss of the very first step, the reference for early
+            instability (``initial_loss`` may already include a blow-up).
         active: the kinds diagnosed at the previous evaluation. Some rules use them for
             hysteresis, so that a condition at the edge of its threshold does not flap: an
             active plateau clears only when the loss falls by twice ``plateau_min_decrease``;
@@ -104,6 +106,7 @@ class Observations:
     warmup_horizon: int | None = None
     has_warmup: bool = False
     early_max_loss: float | None = None
+    first_loss: float | None = None
     active: frozenset[str] = frozenset()
 
 
@@ -267,8 +270,9 @@ def _needs_warmup(obs: Observations, th: Thresholds, s: _State, f: list[Finding]
     if not adaptive or obs.has_warmup or obs.warmup_horizon is None:
         return None
     rise = None
-    if obs.early_max_loss is not None and obs.initial_loss is not None and obs.initial_loss > 0:
-        rise = obs.early_max_loss / obs.initial_loss - 1.0
+    reference = obs.first_loss if obs.first_loss is not None else obs.initial_loss
+    if obs.early_max_loss is not None and reference is not None and reference > 0:
+        rise = obs.early_max_loss / reference - 1.0
     early_spikes = [step for step in obs.spike_steps if step <= obs.warmup_horizon]
     early_nonfinite = [step for step in obs.nonfinite_steps if step <= obs.warmup_horizon]
     unstable = (rise is not None and rise > th.warmup_loss_rise) or early_spikes or early_nonfinite

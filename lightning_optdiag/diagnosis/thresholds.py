@@ -49,7 +49,8 @@ class Thresholds:
             is diagnosed (as in early stopping).
         overfit_min_rise: ... and the validation loss must exceed its best by this fraction.
         warmup_loss_rise: under an adaptive optimizer without warm-up, a loss that rises above
-            ``(1 + warmup_loss_rise)`` times its initial value within the warm-up horizon
+            ``(1 + warmup_loss_rise)`` times its first value (a rolling median of 3 to 5 steps,
+            so that one outlier batch does not count) within the warm-up horizon
             ``2 / (1 - beta2)`` steps (Ma & Yarats 2019, arXiv:1910.04209) is early instability.
         noise_min_measurements: noise-scale measurements needed before the noise scale is
             trusted (each is one training batch cut into chunks: a single one is very noisy).
@@ -75,7 +76,7 @@ class Thresholds:
     target_loss: float | None = None
     overfit_patience: int = 3
     overfit_min_rise: float = 0.05
-    warmup_loss_rise: float = 0.5
+    warmup_loss_rise: float = 1.0
     noise_min_measurements: int = 3
     event_window: int = 200
 

@@ -396,7 +396,7 @@ SCENARIOS: dict[str, Scenario] = {
             initial_loss=3.0,
             optimizer_family="adam",
             warmup_horizon=20,
-            early_max_loss=6.0,
+            early_max_loss=9.0,
         ),
         None,
         frozenset({"needs_warmup"}),
@@ -662,12 +662,12 @@ def test_needs_warmup_evidence() -> None:
     warmup = found["needs_warmup"]
     assert warmup.severity == "warning"
     assert warmup.evidence == {
-        "early_loss_rise": pytest.approx(1.0),
+        "early_loss_rise": pytest.approx(2.0),
         "early_spike_steps": [],
         "early_nonfinite_steps": [],
         "warmup_horizon": 20,
     }
-    assert warmup.confidence == pytest.approx(0.75)  # rise 1.0 against 0.5
+    assert warmup.confidence == pytest.approx(0.75)  # rise 2.0 against 1.0
     assert "total_iters=20" in warmup.recommendation
 
 
@@ -883,7 +883,7 @@ THRESHOLD_CASES: dict[str, Any] = {
         SCENARIOS["needs_warmup"][0],
         Thresholds(),
         {"needs_warmup"},
-        Thresholds(warmup_loss_rise=1.5),
+        Thresholds(warmup_loss_rise=2.5),
         set(),
     ),
 }
@@ -1022,3 +1022,17 @@ def test_a_small_training_loss_stands_the_stuck_training_rules_down() -> None:
     tiny_fraction = Thresholds(small_loss_fraction=0.9)
     assert level < 0.9 * HIGH_INITIAL
     assert kinds_of(stuck, tiny_fraction) == set()
+
+
+def test_needs_warmup_measures_the_rise_from_the_first_loss() -> None:
+    # The mean of the first steps can already contain the blow-up; the first loss cannot.
+    observations = run(
+        losses=healthy_losses(),
+        initial_loss=5.0,
+        first_loss=2.0,
+        optimizer_family="adam",
+        warmup_horizon=20,
+        early_max_loss=5.0,
+    )
+    found = check_findings(diagnose(observations))
+    assert found["needs_warmup"].evidence["early_loss_rise"] == pytest.approx(1.5)
