@@ -11,6 +11,7 @@ from lightning_optdiag.callbacks.nonfinite_guard import (
     NonFiniteEvent,
     NonFiniteGuard,
 )
+from lightning_optdiag.callbacks.optimizer_switch import OptimizerSwitch, SwitchEvent
 from lightning_optdiag.callbacks.training_doctor import TrainingDoctor
 
 __all__ = [
@@ -22,5 +23,7 @@ __all__ = [
     "NonFiniteError",
     "NonFiniteEvent",
     "NonFiniteGuard",
+    "OptimizerSwitch",
+    "SwitchEvent",
     "TrainingDoctor",
 ]

@@ -13,13 +13,13 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import Callback, RichProgressBar
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-from rich.console import Console
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_optdiag._validation import check_int
+from lightning_optdiag.callbacks._console import console_for
 from lightning_optdiag.callbacks.curvature_monitor import CurvatureMonitor
 from lightning_optdiag.callbacks.gradient_monitor import GradientMonitor
 from lightning_optdiag.callbacks.nonfinite_guard import NonFiniteGuard
@@ -154,6 +154,7 @@ class TrainingDoctor(Callback):
         self.console = console
         self.tensorboard = tensorboard
         self.diagnoses: list[Diagnosis] = []
+        self.actions: list[dict[str, Any]] = []
         self._active: dict[str, Diagnosis] = {}
         self._unreported: tuple[list[Diagnosis], list[Diagnosis]] = ([], [])
         self._losses: deque[float] = deque(maxlen=self.window)
@@ -238,7 +239,8 @@ class TrainingDoctor(Callback):
         if trainer.global_step != self._evaluated_step:
             self.evaluate(trainer, pl_module)
         if trainer.is_global_zero and self.console:
-            _console(trainer).print(full_report(self.diagnoses, trainer.global_step))
+            report = full_report(self.diagnoses, trainer.global_step, self.actions)
+            console_for(trainer).print(report)
         self._unreported = ([], [])
 
     # ------------------------------------------------------------------------------- evaluating
@@ -373,6 +375,16 @@ class TrainingDoctor(Callback):
                 self._text_stale = True
                 self._streaks[kind] = 0
 
+    def record_action(
+        self, kind: str, step: int, message: str, details: dict[str, Any] | None = None
+    ) -> None:
+        """Record something done about the run (an optimizer switch, a schedule installed),
+        so that the report, TensorBoard and the JSON file tell it alongside the diagnoses."""
+        self.actions.append(
+            {"kind": kind, "step": step, "message": message, "details": dict(details or {})}
+        )
+        self._text_stale = True
+
     @property
     def active(self) -> list[Diagnosis]:
         """The diagnoses whose condition still holds."""
@@ -440,7 +452,7 @@ class TrainingDoctor(Callback):
             logger.log_metrics(metrics, step=step)
         if self.tensorboard and self._text_stale:
             self._text_stale = False
-            text = diagnoses_markdown(self.diagnoses)
+            text = diagnoses_markdown(self.diagnoses, self.actions)
             for logger in _tensorboard_loggers(trainer):
                 logger.experiment.add_text(f"{PREFIX}/diagnoses", text, step)
 
@@ -448,7 +460,7 @@ class TrainingDoctor(Callback):
         appeared, cleared = self._unreported
         if (appeared or cleared) and trainer.is_global_zero and self.console:
             panel = change_panel(appeared, cleared, trainer.global_step, trainer.current_epoch)
-            _console(trainer).print(panel)
+            console_for(trainer).print(panel)
         self._unreported = ([], [])
 
     def to_json(self, path: str | os.PathLike[str]) -> None:
@@ -456,6 +468,7 @@ class TrainingDoctor(Callback):
         record = {
             "diagnoses": [diagnosis.to_dict() for diagnosis in self.diagnoses],
             "active": sorted(self._active),
+            "actions": self.actions,
             "vocabulary": KINDS,
             "thresholds": asdict(self.thresholds),
         }
@@ -468,6 +481,7 @@ class TrainingDoctor(Callback):
         return {
             "diagnoses": [d.to_dict() for d in self.diagnoses],
             "active": [self.diagnoses.index(d) for d in self._active.values()],
+            "actions": list(self.actions),
             "losses": list(self._losses),
             "grad_norms": list(self._grad_norms),
             "initial": list(self._initial),
@@ -484,6 +498,7 @@ class TrainingDoctor(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.diagnoses = [Diagnosis.from_dict(d) for d in state_dict["diagnoses"]]
         self._active = {self.diagnoses[i].kind: self.diagnoses[i] for i in state_dict["active"]}
+        self.actions = list(state_dict.get("actions", []))
         self._losses = deque(state_dict["losses"], maxlen=self.window)
         self._grad_norms = deque(state_dict["grad_norms"], maxlen=self.window)
         self._initial = list(state_dict["initial"])
@@ -521,14 +536,3 @@ def _first_optimizer(trainer: Trainer) -> torch.optim.Optimizer | None:
 
 def _tensorboard_loggers(trainer: Trainer) -> list[TensorBoardLogger]:
     return [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
-
-
-def _console(trainer: Trainer) -> Console:
-    """The console of Lightning's RichProgressBar when there is one (so that the live display
-    is redrawn around what is printed), else a console of our own."""
-    progress = trainer.progress_bar_callback
-    if isinstance(progress, RichProgressBar):
-        console = getattr(progress, "_console", None)
-        if isinstance(console, Console):
-            return console
-    return Console()

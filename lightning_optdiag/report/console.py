@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from rich.console import Group, RenderableType
 from rich.panel import Panel
@@ -57,12 +58,18 @@ def change_panel(
     return Panel(lines, title=f"optdiag · epoch {epoch} · step {step}", expand=False)
 
 
-def full_report(diagnoses: Sequence[Diagnosis], step: int) -> RenderableType:
+def full_report(
+    diagnoses: Sequence[Diagnosis], step: int, actions: Sequence[Mapping[str, Any]] = ()
+) -> RenderableType:
     """The end-of-training report: every diagnosis of the run, active ones first, each as a
-    heading line (kind, steps, severity, confidence), its finding and its recommendation."""
+    heading line (kind, steps, severity, confidence), its finding and its recommendation; then
+    the actions taken (optimizer switches, schedules installed)."""
     title = f"optdiag report · step {step}"
+    taken = [Text(f"↻ {action['message']}", style="magenta") for action in actions]
     if not diagnoses:
-        return Panel(Text("No problems diagnosed.", style="green"), title=title, expand=False)
+        return Panel(
+            Group(Text("No problems diagnosed.", style="green"), *taken), title=title, expand=False
+        )
     ordered = sorted(diagnoses, key=lambda d: (not d.active, d.step))
     active = sum(d.active for d in diagnoses)
     count = f"{len(diagnoses)} diagnos{'is' if len(diagnoses) == 1 else 'es'}, {active} active"
@@ -79,4 +86,4 @@ def full_report(diagnoses: Sequence[Diagnosis], step: int) -> RenderableType:
         heading.append(f"  confidence {diagnosis.confidence:.2f}")
         body = Text(f"  {diagnosis.message}\n  → {diagnosis.recommendation}")
         parts.extend([heading, body])
-    return Panel(Group(*parts), title=title, subtitle=count, expand=False)
+    return Panel(Group(*parts, *taken), title=title, subtitle=count, expand=False)

@@ -6,7 +6,7 @@ The functions take a ``torch.utils.tensorboard.SummaryWriter`` (what Lightning's
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -50,10 +50,14 @@ def custom_scalars_layout() -> dict[str, dict[str, list[Any]]]:
     }
 
 
-def diagnoses_markdown(diagnoses: Sequence[Diagnosis]) -> str:
-    """A Markdown table of ``diagnoses`` (TensorBoard's text plugin renders Markdown)."""
+def diagnoses_markdown(
+    diagnoses: Sequence[Diagnosis], actions: Sequence[Mapping[str, Any]] = ()
+) -> str:
+    """A Markdown table of ``diagnoses`` (TensorBoard's text plugin renders Markdown), then
+    the actions taken, one line each."""
+    taken = "".join(f"\n\n- {action['message']}" for action in actions)
     if not diagnoses:
-        return "No problems diagnosed."
+        return "No problems diagnosed." + taken
     rows = [
         "| diagnosis | steps | severity | confidence | finding | recommendation |",
         "|---|---|---|---|---|---|",
@@ -62,7 +66,7 @@ def diagnoses_markdown(diagnoses: Sequence[Diagnosis]) -> str:
         steps = f"{d.step}-" + ("" if d.cleared_step is None else str(d.cleared_step))
         cells = [d.kind, steps, d.severity, f"{d.confidence:.2f}", d.message, d.recommendation]
         rows.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
-    return "\n".join(rows)
+    return "\n".join(rows) + taken
 
 
 def write_density_histogram(

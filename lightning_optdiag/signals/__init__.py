@@ -10,6 +10,7 @@ from lightning_optdiag.signals.stability import (
     stability_rule,
     warmup_horizon,
 )
+from lightning_optdiag.signals.swats import SwatsCriterion
 from lightning_optdiag.signals.trend import TrendTest, trend_test
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "NoiseScaleEstimate",
     "RunningMedian",
     "StabilityRule",
+    "SwatsCriterion",
     "TrendTest",
     "optimizer_family",
     "stability_rule",
