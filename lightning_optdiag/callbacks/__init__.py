@@ -12,6 +12,7 @@ from lightning_optdiag.callbacks.nonfinite_guard import (
     NonFiniteGuard,
 )
 from lightning_optdiag.callbacks.optimizer_switch import OptimizerSwitch, SwitchEvent
+from lightning_optdiag.callbacks.schedule_advisor import ScheduleAdvisor
 from lightning_optdiag.callbacks.training_doctor import TrainingDoctor
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "NonFiniteEvent",
     "NonFiniteGuard",
     "OptimizerSwitch",
+    "ScheduleAdvisor",
     "SwitchEvent",
     "TrainingDoctor",
 ]
