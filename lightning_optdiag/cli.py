@@ -18,6 +18,7 @@ DEMO_SCENARIOS = {
     "saddle": "a linear network initialised to zero: stuck at a saddle point",
     "oscillation": "learning rate 1.5x the stability threshold: the loss bounces in a ravine",
     "plateau": "a linear model on a non-linear target: a minimum with a high loss (model bias)",
+    "switch": "Adam until its step settles (SWATS), then momentum SGD: one switch",
     "overfitting": "a wide MLP on 64 noisy samples: the validation loss turns up",
 }
 
@@ -135,7 +136,7 @@ def _print_demo(console: Any, result: Any) -> None:
         )
     from lightning_optdiag.report import full_report
 
-    console.print(full_report(result.doctor.diagnoses, result.steps))
+    console.print(full_report(result.doctor.diagnoses, result.steps, result.doctor.actions))
     console.print(
         f"TensorBoard logs: [bold]{result.logdir}[/bold] "
         f"(view them with: tensorboard --logdir {result.logdir})"

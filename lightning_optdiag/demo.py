@@ -53,6 +53,7 @@ class Scenario:
         outlier_steps: steps whose targets are multiplied by 100.
         trainer: extra Trainer arguments.
         init: ``"default"`` or ``"zeros"`` (every parameter set to zero).
+        switch: attach ``OptimizerSwitch(policy="swats")``.
     """
 
     description: str
@@ -63,19 +64,27 @@ class Scenario:
     outlier_steps: tuple[int, ...] = ()
     trainer: dict[str, Any] = field(default_factory=dict)
     init: str = "default"
+    switch: bool = False
 
 
 # ------------------------------------------------------------------------------------ data
-def _regression_data(seed: int, samples: int = 2048) -> Loaders:
+def _regression_data(seed: int, samples: int = 2048, validation: int = 0) -> Loaders:
     generator = torch.Generator().manual_seed(seed)
-    inputs = torch.randn(samples, 16, generator=generator)
+    inputs = torch.randn(samples + validation, 16, generator=generator)
     weights = torch.randn(16, 1, generator=generator)
     weights = 2.0 * weights / weights.norm()  # a target a small MLP learns within the demo
-    targets = torch.sin(inputs @ weights) + 0.1 * torch.randn(samples, 1, generator=generator)
-    loader = DataLoader(
-        TensorDataset(inputs, targets), batch_size=32, shuffle=True, generator=generator
-    )
-    return loader, None
+    noise = 0.1 * torch.randn(samples + validation, 1, generator=generator)
+    targets = torch.sin(inputs @ weights) + noise
+    train = TensorDataset(inputs[:samples], targets[:samples])
+    loader = DataLoader(train, batch_size=32, shuffle=True, generator=generator)
+    if not validation:
+        return loader, None
+    held_out = TensorDataset(inputs[samples:], targets[samples:])
+    return loader, DataLoader(held_out, batch_size=validation)
+
+
+def _regression_with_validation(seed: int) -> Loaders:
+    return _regression_data(seed, validation=512)
 
 
 def _linear_data(seed: int, samples: int = 2048) -> Loaders:
@@ -220,6 +229,15 @@ SCENARIOS: dict[str, Scenario] = {
         _nonlinear_data,
         _sgd(0.1),
     ),
+    "switch": Scenario(
+        "Adam until its step settles on an SGD learning rate, then momentum SGD (SWATS)",
+        (),
+        _mlp,
+        _regression_with_validation,
+        _adam(3e-3),
+        trainer={"val_check_interval": 100, "check_val_every_n_epoch": None},
+        switch=True,
+    ),
     "overfitting": Scenario(
         "a wide MLP on 64 noisy samples: validation loss turns up",
         ("overfitting",),
@@ -315,6 +333,7 @@ def run_demo(
         GradientMonitor,
         NonFiniteError,
         NonFiniteGuard,
+        OptimizerSwitch,
         TrainingDoctor,
     )
 
@@ -335,7 +354,8 @@ def run_demo(
         "max_steps": steps,
         "max_epochs": -1,
         "logger": logger,
-        "callbacks": [monitor, guard, curvature, doctor],
+        "callbacks": [monitor, guard, curvature, doctor]
+        + ([OptimizerSwitch(policy="swats", verbose=console)] if spec.switch else []),
         "log_every_n_steps": 10,
         "enable_progress_bar": False,
         "enable_model_summary": False,

@@ -115,3 +115,14 @@ def test_healthy_demo_command_reports_no_problem(tmp_path: Path, capsys) -> None
     assert main(["demo", "--scenario", "healthy", "--steps", "120", "--logdir", str(tmp_path)]) == 0
     output = capsys.readouterr().out
     assert "No problems diagnosed." in output
+
+
+def test_switch_scenario_switches_once_from_adam_to_sgd(tmp_path: Path, capsys) -> None:
+    assert main(["demo", "--scenario", "switch", "--logdir", str(tmp_path)]) == 0
+    output = capsys.readouterr().out
+    assert output.count("Adam -> sgdm") == 1
+    result = run_demo("switch", logdir=tmp_path / "again")
+    switches = [action for action in result.doctor.actions if action["kind"] == "optimizer_switch"]
+    assert len(switches) == 1
+    assert result.doctor.diagnoses == []
+    assert result.final_loss < 0.1  # training stayed stable after the switch
