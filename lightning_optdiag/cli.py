@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     demo.set_defaults(handler=_demo)
+    _add_lr_find_parser(commands)  # optdiag lr-find: see the block at the end of this file
     return parser
 
 
@@ -178,6 +179,265 @@ def _gradient_detail(event: Any) -> str:
             f"norm of {event.reference:.2g}"
         )
     return f"{', '.join(event.layers)} recovered"
+
+
+# --- optdiag lr-find ------------------------------------------------------------------------------
+# Lightning's learning-rate range test on a LightningModule class (lightning_optdiag.lr_range).
+# Everything for this subcommand lives between this line and the matching end marker, plus the one
+# call in build_parser.
+
+LR_FIND_MODES = ("exponential", "linear")  # lightning_optdiag.lr_range.MODES, without the import
+
+LR_FIND_EPILOG = """\
+examples:
+  optdiag lr-find mypackage.models:Regressor --init-args '{"hidden": 64}' --png lr.png
+  optdiag lr-find mypackage.models:Regressor --datamodule mypackage.data:Data --min-lr 1e-6
+
+TARGET and --datamodule are imported from the current directory or the installed packages.
+The sweep runs on a throwaway CPU Trainer; the module is not changed and nothing is saved
+except the PNG.
+"""
+
+
+class _LRFindInputError(Exception):
+    """Bad input to ``optdiag lr-find``: reported on one line, with exit code 2."""
+
+
+def _add_lr_find_parser(commands: Any) -> None:
+    lr_find = commands.add_parser(
+        "lr-find",
+        help="run Lightning's learning-rate range test on a LightningModule",
+        description="Run Lightning's learning-rate finder (the LR range test of Smith, 2017,\n"
+        "arXiv:1506.01186) on a LightningModule class: train for a few steps while the\n"
+        "learning rate grows, print the loss curve and the suggested learning rate, and\n"
+        "optionally write the curve as a PNG.",
+        epilog=LR_FIND_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    lr_find.add_argument(
+        "target",
+        metavar="TARGET",
+        help="the LightningModule class, as package.module:ClassName; it must define "
+        "train_dataloader() unless --datamodule is given",
+    )
+    lr_find.add_argument(
+        "--init-args",
+        metavar="JSON",
+        default="{}",
+        help="keyword arguments for TARGET, as a JSON object (default: {})",
+    )
+    lr_find.add_argument(
+        "--datamodule",
+        metavar="DM",
+        help="a LightningDataModule class, as package.module:ClassName, for the training data",
+    )
+    lr_find.add_argument(
+        "--datamodule-init-args",
+        metavar="JSON",
+        default="{}",
+        help="keyword arguments for --datamodule, as a JSON object (default: {})",
+    )
+    lr_find.add_argument(
+        "--min-lr",
+        type=float,
+        default=1e-8,
+        metavar="LR",
+        help="first learning rate (default: 1e-8)",
+    )
+    lr_find.add_argument(
+        "--max-lr", type=float, default=1.0, metavar="LR", help="last learning rate (default: 1)"
+    )
+    lr_find.add_argument(
+        "--num-training",
+        type=int,
+        default=100,
+        metavar="STEPS",
+        help="training steps, one learning rate each (default: 100)",
+    )
+    lr_find.add_argument(
+        "--mode",
+        choices=LR_FIND_MODES,
+        default="exponential",
+        help="how the learning rate grows (default: exponential)",
+    )
+    lr_find.add_argument(
+        "--early-stop-threshold",
+        type=_lr_find_threshold,
+        default=4.0,
+        metavar="X",
+        help="stop once the smoothed loss exceeds X times the best; 'none' sweeps to --max-lr "
+        "(default: 4)",
+    )
+    lr_find.add_argument(
+        "--png", metavar="PATH", help="also write the curve to PATH as a PNG (needs matplotlib)"
+    )
+    lr_find.set_defaults(handler=_lr_find)
+
+
+def _lr_find_threshold(text: str) -> float | None:
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid value {text!r}: expected a number or 'none'"
+        ) from None
+
+
+def _lr_find(args: argparse.Namespace) -> int:
+    import os
+
+    # A console script does not put the current directory on sys.path; `python -m` does.
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        return _run_lr_find(args)
+    except _LRFindInputError as error:
+        print(f"optdiag lr-find: error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
+
+
+def _run_lr_find(args: argparse.Namespace) -> int:
+    import warnings
+
+    from lightning.pytorch import LightningDataModule, LightningModule
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+    from rich.console import Console
+
+    from lightning_optdiag.lr_range import (
+        check_sweep_arguments,
+        lr_range_test,
+        render_lr_range,
+        require_matplotlib,
+    )
+
+    try:
+        min_lr, max_lr, num_training, mode, threshold = check_sweep_arguments(
+            args.min_lr, args.max_lr, args.num_training, args.mode, args.early_stop_threshold
+        )
+    except (TypeError, ValueError) as error:
+        raise _LRFindInputError(str(error)) from None
+    if args.png:
+        try:
+            require_matplotlib()
+        except ImportError as error:
+            raise _LRFindInputError(f"--png: {error}") from None
+    init_args = _lr_find_json("--init-args", args.init_args)
+    datamodule_init_args = _lr_find_json("--datamodule-init-args", args.datamodule_init_args)
+    if args.datamodule is None and datamodule_init_args:
+        raise _LRFindInputError("--datamodule-init-args given without --datamodule")
+
+    module_class = _lr_find_import(args.target, "TARGET", LightningModule)
+    datamodule_class = (
+        None
+        if args.datamodule is None
+        else _lr_find_import(args.datamodule, "--datamodule", LightningDataModule)
+    )
+    if datamodule_class is None and not is_overridden(
+        "train_dataloader", module_class, parent=LightningModule
+    ):
+        raise _LRFindInputError(
+            f"{args.target} defines no train_dataloader(): add one, or give the training data "
+            "with --datamodule package.module:ClassName"
+        )
+    module = _lr_find_instantiate(module_class, init_args, args.target)
+    datamodule = (
+        None
+        if datamodule_class is None
+        else _lr_find_instantiate(datamodule_class, datamodule_init_args, args.datamodule)
+    )
+
+    console = Console()
+    with warnings.catch_warnings():
+        # Lightning's warnings (dataloader workers, deprecations) are noise for this command.
+        warnings.simplefilter("ignore")
+        try:
+            with console.status("running the learning-rate range test…"):
+                result = lr_range_test(
+                    module,
+                    datamodule=datamodule,
+                    min_lr=min_lr,
+                    max_lr=max_lr,
+                    num_training=num_training,
+                    mode=mode,
+                    early_stop_threshold=threshold,
+                )
+        except MisconfigurationException as error:
+            raise _LRFindInputError(
+                f"Lightning cannot run the finder on {args.target}: {_one_line(error)}"
+            ) from None
+    console.print(render_lr_range(result))
+    if args.png:
+        try:
+            path = result.plot_png(args.png)
+        except ImportError as error:
+            raise _LRFindInputError(f"--png: {error}") from None
+        console.print(f"Plot written to [bold]{path}[/bold]")
+    return 0
+
+
+def _lr_find_json(option: str, text: str) -> dict[str, Any]:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise _LRFindInputError(f"{option}: invalid JSON {text!r} ({error})") from None
+    if not isinstance(value, dict):
+        raise _LRFindInputError(
+            f"{option}: expected a JSON object of keyword arguments, got {text!r}"
+        )
+    return value
+
+
+def _lr_find_import(spec: str, what: str, base: type) -> type:
+    import importlib
+
+    module_name, colon, attribute = spec.partition(":")
+    if not colon or not module_name or not attribute:
+        raise _LRFindInputError(
+            f"{what}: invalid value {spec!r} (expected package.module:ClassName)"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:
+        raise _LRFindInputError(
+            f"{what}: cannot import {module_name!r}: {type(error).__name__}: {_one_line(error)}"
+        ) from None
+    target: Any = module
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise _LRFindInputError(f"{what}: module {module_name!r} has no attribute {part!r}")
+        target = getattr(target, part)
+    if not isinstance(target, type) or not issubclass(target, base):
+        raise _LRFindInputError(
+            f"{what}: {spec} is not a {base.__name__} (expected a subclass of "
+            f"{base.__module__.split('.core')[0]}.{base.__name__})"
+        )
+    return target
+
+
+def _lr_find_instantiate(cls: type, kwargs: dict[str, Any], spec: str) -> Any:
+    try:
+        return cls(**kwargs)
+    except Exception as error:
+        raise _LRFindInputError(
+            f"cannot create {spec}(**{kwargs!r}): {type(error).__name__}: {_one_line(error)}"
+        ) from None
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+# --- end of optdiag lr-find -----------------------------------------------------------------------
 
 
 if __name__ == "__main__":

@@ -11,18 +11,23 @@ Properties of Lightning's sweep worth knowing when reading the curve (Lightning 
 ``tests/test_lr_range.py``):
 
 - The learning rates are ``min_lr`` and then ``min_lr * (max_lr / min_lr) ** (k / N)`` for
-  ``k = 2 .. N`` (``N = num_training``): the first step of the geometric grid is skipped, the last
-  rate is exactly ``max_lr``. In linear mode, likewise ``min_lr + k / N * (max_lr - min_lr)``.
+  ``k = 2 .. N`` (``N = num_training``): the first rung of the geometric ladder is skipped
+  (Lightning-AI/pytorch-lightning#21931), the last rate is exactly ``max_lr``. In linear mode,
+  likewise ``min_lr + k / N * (max_lr - min_lr)``.
 - The losses are an exponential moving average (``beta = 0.98``) of the training losses, whose
   bias correction divides by ``1 - beta ** (step + 2)`` instead of ``1 - beta ** (step + 1)``:
   the first recorded value is about half the true loss (``0.02 / 0.0396 = 0.505`` of it), and the
   curve rises towards the true loss over the first few dozen steps even when the loss is flat.
 - The sweep stops early once the smoothed loss exceeds ``early_stop_threshold`` times the lowest
   smoothed loss recorded before it; that step is still recorded. Because the lowest value is at
-  most half the initial loss, the default threshold of 4 stops at about twice the initial loss.
+  most half the first batch's loss, the default threshold of 4 stops the sweep by the time the
+  smoothed loss reaches about twice that loss.
 - The suggestion is the rate at the steepest negative slope of the smoothed loss with respect to
   the learning rate itself (not its logarithm), skipping the first 10 points and the last one;
-  with fewer than 13 points there is no suggestion.
+  with fewer than 13 points there is no suggestion. On a noisy curve (mini-batches) the tiny
+  steps at the small-rate end turn small wiggles into steep slopes, so the suggestion often sits
+  just after the first 10 points (Lightning-AI/pytorch-lightning#21141): read it against the
+  curve, where :func:`render_lr_range` also marks the lowest loss.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ MODES = ("exponential", "linear")
 """How the learning rate grows from one step to the next (Lightning's ``mode``)."""
 
 _SPARK_LEVELS = "▁▂▃▄▅▆▇█"
+_WARMUP = 10  # Lightning's suggestion skips this many first points (skip_begin)
 _LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning")
 _MATPLOTLIB_MISSING = (
     "plotting the LR range test needs matplotlib, which is not installed: "
@@ -94,7 +100,11 @@ class LRRangeResult:
 
     @property
     def stopped_early(self) -> bool:
-        """Whether the sweep stopped before ``num_training`` steps because the loss diverged."""
+        """Whether the sweep ended before ``num_training`` steps.
+
+        That is the early stop on a diverging loss, unless the Trainer's own limits (say
+        ``max_epochs`` in ``trainer_kwargs``) ended it first.
+        """
         return len(self.lrs) < self.num_training
 
     @property
@@ -413,9 +423,10 @@ def render_lr_range(result: LRRangeResult, *, width: int = 60, rows: int = 10) -
     ``max_lr`` (right), one column per ``width``-th of the log range; columns after an early stop
     stay blank. Its height spans the lowest loss to the highest loss before the minimum, so a
     diverging tail is drawn as full red blocks instead of flattening the valley; non-finite
-    losses are a red ``x``. A ``▲`` marks the suggestion. Below it, a table of about ``rows``
-    evenly spaced steps (always including the suggestion and the minimum), then the suggestion
-    in words. Needs rich only.
+    losses are a red ``x``. Both ends of that range ignore the first 10 steps, which Lightning's
+    smoothing biases low (its suggestion skips them too). A ``▲`` marks the suggestion. Below
+    it, a table of about ``rows`` evenly spaced steps (always including the suggestion and the
+    lowest loss), then the suggestion in words. Needs rich only.
 
     Args:
         result: what :func:`lr_range_test` returned.
@@ -455,9 +466,9 @@ def render_lr_range(result: LRRangeResult, *, width: int = 60, rows: int = 10) -
         f" · {steps} of {result.num_training} steps",
     )
     if result.stopped_early:
-        header.append(
-            f" · stopped early: loss above {result.early_stop_threshold:g}x the best", "yellow"
-        )
+        threshold = result.early_stop_threshold
+        reason = "" if threshold is None else f" (loss > {threshold:g}x best)"
+        header.append(f" · stopped early{reason}", "yellow")
     parts: list[RenderableType] = [header]
     if steps == 0:
         parts.append(Text("No losses were recorded.", style="red"))
@@ -466,8 +477,7 @@ def render_lr_range(result: LRRangeResult, *, width: int = 60, rows: int = 10) -
     parts.extend(_sparkline(result, width))
 
     index = result.suggestion_index
-    finite = [i for i, loss in enumerate(result.losses) if math.isfinite(loss)]
-    best = min(finite, key=lambda i: result.losses[i]) if finite else None
+    best = _lowest(result.losses)
     count = min(rows, steps)
     picked = {round(k * (steps - 1) / max(count - 1, 1)) for k in range(count)}
     picked.update(i for i in (index, best) if i is not None)
@@ -505,8 +515,7 @@ def render_lr_range(result: LRRangeResult, *, width: int = 60, rows: int = 10) -
             Text.assemble(
                 ("Suggested learning rate: ", "bold"),
                 (format_lr(result.suggestion), "bold green"),
-                " (steepest fall of the smoothed loss; Lightning's rule; "
-                "a starting point, often divided by a few for safety)",
+                " (Lightning's rule: the steepest fall of the smoothed loss)",
             )
         )
     return Group(*parts)
@@ -535,6 +544,7 @@ def _sparkline(result: LRRangeResult, width: int) -> list[Any]:
             line.append(_SPARK_LEVELS[-1], "red")
         else:
             fraction = 0.0 if view[1] == view[0] else (loss - view[0]) / (view[1] - view[0])
+            fraction = max(fraction, 0.0)  # the biased-low first steps sit at the bottom
             line.append(_SPARK_LEVELS[round(fraction * (len(_SPARK_LEVELS) - 1))], "cyan")
     left, right = f"lr {format_lr(result.min_lr)}", format_lr(result.max_lr)
     axis = Text(left + " " * max(width + 5 - len(left) - len(right), 1) + right, style="dim")
@@ -568,15 +578,30 @@ def _finite(values: list[float]) -> list[float]:
 
 
 def _loss_view(losses: list[float]) -> tuple[float, float] | None:
-    """The loss range worth showing: the lowest loss to the highest one recorded before it."""
-    finite = [(i, loss) for i, loss in enumerate(losses) if math.isfinite(loss)]
-    if not finite:
+    """The loss range worth showing: the lowest loss to the highest one recorded before it.
+
+    Lightning's first smoothed losses are biased low (about half the true loss at the first step),
+    so, like its suggestion, this ignores the first ``_WARMUP`` steps when there are enough others.
+    """
+    best_index = _lowest(losses)
+    if best_index is None:
         return None
-    best_index, best = min(finite, key=lambda item: item[1])
-    top = max(loss for i, loss in finite if i <= best_index)
-    if top == best:  # the minimum comes first: show everything
-        top = max(loss for _, loss in finite)
+    start = _WARMUP if best_index >= _WARMUP else 0
+    best = losses[best_index]
+    top = max(loss for loss in losses[start : best_index + 1] if math.isfinite(loss))
+    if top == best:  # the minimum comes first: show everything after the warm-up
+        top = max(_finite(losses[start:]))
     return best, top
+
+
+def _lowest(losses: list[float]) -> int | None:
+    """Index of the lowest finite loss after the warm-up (overall in sweeps too short for one)."""
+    finite = [i for i, loss in enumerate(losses) if math.isfinite(loss)]
+    after = [i for i in finite if i >= _WARMUP]
+    candidates = after if len(after) >= _WARMUP else finite
+    if not candidates:
+        return None
+    return min(candidates, key=lambda i: losses[i])
 
 
 @contextlib.contextmanager
