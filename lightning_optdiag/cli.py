@@ -306,6 +306,16 @@ def _lr_find(args: argparse.Namespace) -> int:
 def _run_lr_find(args: argparse.Namespace) -> int:
     import warnings
 
+    init_args = _lr_find_json("--init-args", args.init_args)
+    datamodule_init_args = _lr_find_json("--datamodule-init-args", args.datamodule_init_args)
+    if args.datamodule is None and datamodule_init_args:
+        raise _LRFindInputError("--datamodule-init-args given without --datamodule")
+    # The user's modules first: a typo in TARGET is reported before torch and Lightning load.
+    target = _lr_find_import(args.target, "TARGET")
+    datamodule_target = (
+        None if args.datamodule is None else _lr_find_import(args.datamodule, "--datamodule")
+    )
+
     from lightning.pytorch import LightningDataModule, LightningModule
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -318,6 +328,14 @@ def _run_lr_find(args: argparse.Namespace) -> int:
         require_matplotlib,
     )
 
+    module_class = _lr_find_subclass(target, args.target, "TARGET", LightningModule)
+    datamodule_class = (
+        None
+        if datamodule_target is None
+        else _lr_find_subclass(
+            datamodule_target, args.datamodule, "--datamodule", LightningDataModule
+        )
+    )
     try:
         min_lr, max_lr, num_training, mode, threshold = check_sweep_arguments(
             args.min_lr, args.max_lr, args.num_training, args.mode, args.early_stop_threshold
@@ -329,17 +347,6 @@ def _run_lr_find(args: argparse.Namespace) -> int:
             require_matplotlib()
         except ImportError as error:
             raise _LRFindInputError(f"--png: {error}") from None
-    init_args = _lr_find_json("--init-args", args.init_args)
-    datamodule_init_args = _lr_find_json("--datamodule-init-args", args.datamodule_init_args)
-    if args.datamodule is None and datamodule_init_args:
-        raise _LRFindInputError("--datamodule-init-args given without --datamodule")
-
-    module_class = _lr_find_import(args.target, "TARGET", LightningModule)
-    datamodule_class = (
-        None
-        if args.datamodule is None
-        else _lr_find_import(args.datamodule, "--datamodule", LightningDataModule)
-    )
     if datamodule_class is None and not is_overridden(
         "train_dataloader", module_class, parent=LightningModule
     ):
@@ -397,7 +404,7 @@ def _lr_find_json(option: str, text: str) -> dict[str, Any]:
     return value
 
 
-def _lr_find_import(spec: str, what: str, base: type) -> type:
+def _lr_find_import(spec: str, what: str) -> Any:
     import importlib
 
     module_name, colon, attribute = spec.partition(":")
@@ -416,10 +423,14 @@ def _lr_find_import(spec: str, what: str, base: type) -> type:
         if not hasattr(target, part):
             raise _LRFindInputError(f"{what}: module {module_name!r} has no attribute {part!r}")
         target = getattr(target, part)
+    return target
+
+
+def _lr_find_subclass(target: Any, spec: str, what: str, base: type) -> type:
     if not isinstance(target, type) or not issubclass(target, base):
         raise _LRFindInputError(
             f"{what}: {spec} is not a {base.__name__} (expected a subclass of "
-            f"{base.__module__.split('.core')[0]}.{base.__name__})"
+            f"lightning.pytorch.{base.__name__})"
         )
     return target
 

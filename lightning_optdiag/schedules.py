@@ -14,14 +14,16 @@ against the optimizer when it is installed. No Lightning here: the
   arXiv:1708.07120).
 - ``saddle_point``: ``CyclicLR`` between 1x and 3x the current rate: brief larger steps leave
   along the negative-curvature direction (Smith 2017, arXiv:1506.01186).
-- ``gradient_noise``: ``CosineAnnealingLR`` to 1% over the remaining steps: a smaller rate
-  averages the noise out (McCandlish et al. 2018, arXiv:1812.06162).
+- ``gradient_noise``: ``CosineAnnealingLR`` over the remaining steps, down to 1% of the smallest
+  group's rate (``eta_min`` is one number for all groups): a smaller rate averages the noise
+  out (McCandlish et al. 2018, arXiv:1812.06162).
 - a converged ``plateau``: ``CosineAnnealingWarmRestarts``: warm restarts (SGDR) can leave the
   basin for a lower one (Loshchilov & Hutter 2016, arXiv:1608.03983).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,17 +74,21 @@ def recommend_schedules(
     *,
     remaining_steps: int,
     warmup_steps: int | None = None,
+    answer: Sequence[str] | None = None,
 ) -> list[ScheduleRecommendation]:
     """Schedules answering the active ``diagnoses``, most urgent first, one per diagnosis.
 
     Args:
-        diagnoses: the doctor's diagnoses (inactive ones are ignored).
+        diagnoses: the doctor's diagnoses (inactive ones are ignored); all of them count when
+            deciding whether a plateau has converged.
+        answer: recommend only for these kinds (e.g. the ones that just appeared); ``None``:
+            all.
         remaining_steps: optimizer steps left in the run (schedules that anneal span them).
         warmup_steps: the warm-up length, ``2 / (1 - beta2)`` for Adam-family optimizers
             (:func:`lightning_optdiag.signals.warmup_horizon`); ``None``: no warm-up advice.
 
     Returns:
-        The recommendations, in the order of the table in this module's docstring.
+        The recommendations, in the order of the list in this module's docstring.
     """
     remaining = max(int(remaining_steps), 2)
     active = {d.kind: d for d in diagnoses if d.active}
@@ -112,8 +118,11 @@ def recommend_schedules(
         )
     if "lr_too_small" in active:
         small_ratio = active["lr_too_small"].evidence.get("sharpness_ratio")
-        headroom = 1.0 / float(small_ratio) if small_ratio else 10.0
-        peak = max(1.5, min(10.0, headroom / 2.0))
+        if small_ratio is None:
+            headroom = 20.0  # lr_too_small needs a ratio below 0.05: at least 20x headroom
+        else:
+            headroom = 1.0 / float(small_ratio) if float(small_ratio) > 0 else math.inf
+        peak = min(10.0, headroom / 2.0)
         found.append(
             ScheduleRecommendation(
                 "one_cycle",
@@ -158,6 +167,8 @@ def recommend_schedules(
                 {"period": period},
             )
         )
+    if answer is not None:
+        found = [item for item in found if item.diagnosis in set(answer)]
     return found
 
 
@@ -176,6 +187,7 @@ def build_schedule(
             optimizer,
             max_lr=[group["lr"] * peak_factor for group in optimizer.param_groups],
             total_steps=steps,
+            cycle_momentum=False,  # a learning-rate schedule: leave momentum and betas alone
         ),
         "cyclical": lambda max_factor, half_cycle: CyclicLR(
             optimizer,
@@ -191,4 +203,8 @@ def build_schedule(
     }
     if schedule not in builders:
         raise ValueError(f"Invalid schedule: {schedule!r} (expected one of {', '.join(SCHEDULES)})")
+    # torch's schedulers take their base from an existing ``initial_lr`` (an earlier scheduler
+    # leaves one behind): start from where training is instead.
+    for group in optimizer.param_groups:
+        group["initial_lr"] = group["lr"]
     return builders[schedule](**settings)

@@ -32,7 +32,9 @@ class ScheduleAdvisor(Callback):
     TensorBoard as the text ``optdiag/schedule`` and to the doctor's ``actions``. Installing
     replaces the schedulers of the optimizer the same way an optimizer switch does: the new
     scheduler starts from the current learning rates (``initial_lr`` reset to them) and is
-    stepped every optimizer step. A later recommendation replaces an installed schedule. The
+    stepped every optimizer step (by Lightning under automatic optimization, by the advisor
+    under manual optimization, where Lightning leaves schedulers to the module). A later
+    recommendation replaces an installed schedule. The
     installed schedule is in the callback's state, rebuilt when a run resumes so that Lightning
     loads the checkpoint's scheduler state into it.
 
@@ -64,6 +66,8 @@ class ScheduleAdvisor(Callback):
         self._installed: dict[str, Any] | None = None
         self._seen = 0
         self._doctor: Any = None
+        self._scheduler: Any = None
+        self._batch_step = -1
 
     # ------------------------------------------------------------------------------------ hooks
     @override
@@ -86,12 +90,21 @@ class ScheduleAdvisor(Callback):
             )
         if self._installed is not None:  # resumed: rebuild, Lightning then loads its state
             recommendation = ScheduleRecommendation(**self._installed)
-            install_scheduler(trainer, self.optimizer_index, recommendation.build)
+            self._scheduler = install_scheduler(trainer, self.optimizer_index, recommendation.build)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch_step = trainer.global_step
 
     @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        stepped = trainer.global_step != self._batch_step
+        if stepped and self._scheduler is not None and not pl_module.automatic_optimization:
+            self._scheduler.step()  # Lightning steps schedulers only under automatic optimization
         self._advise(trainer)
 
     @override
@@ -107,11 +120,12 @@ class ScheduleAdvisor(Callback):
         new = doctor.diagnoses[self._seen :]
         self._seen = len(doctor.diagnoses)
         optimizer = unwrap(trainer.optimizers[self.optimizer_index])
-        remaining = (trainer.max_steps if trainer.max_steps > 0 else 10**6) - trainer.global_step
+        remaining = int(trainer.estimated_stepping_batches) - trainer.global_step
         found = recommend_schedules(
-            [d for d in new if d.active],
+            [d for d in doctor.diagnoses if d.active],
             remaining_steps=remaining,
             warmup_steps=warmup_horizon(optimizer),
+            answer=[d.kind for d in new if d.active],
         )
         for recommendation in found:
             self._recommend(trainer, recommendation)
@@ -120,7 +134,7 @@ class ScheduleAdvisor(Callback):
         step = trainer.global_step
         installed = False
         if self.auto_apply:
-            install_scheduler(trainer, self.optimizer_index, recommendation.build)
+            self._scheduler = install_scheduler(trainer, self.optimizer_index, recommendation.build)
             self._installed = asdict(recommendation)
             installed = True
         record = {**asdict(recommendation), "step": step, "installed": installed}

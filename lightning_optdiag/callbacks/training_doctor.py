@@ -77,7 +77,10 @@ class TrainingDoctor(Callback):
 
     The training losses are read from the output of ``training_step`` (under manual
     optimization, a returned tensor or ``"loss"``, or the logged metric ``train_loss_key``),
-    kept on the device and read back once per check: no extra synchronisation per step.
+    kept on the device and read back once per check: no extra synchronisation per step. Under
+    DDP the losses (and the validation loss) are averaged over the processes at that point, one
+    collective per check, so every process reaches the same diagnoses, and callbacks acting on
+    them (:class:`OptimizerSwitch`, :class:`ScheduleAdvisor`) act at the same step everywhere.
 
     Args:
         check_every_n_steps: optimizer steps between evaluations.
@@ -174,6 +177,8 @@ class TrainingDoctor(Callback):
         self._layout_written = False
         self._text_stale = False
         self._automatic = True
+        self._strategy: Any = None
+        self._world_size = 1
         self._horizon: int | None = None
         self._monitors: tuple[
             GradientMonitor | None, NonFiniteGuard | None, CurvatureMonitor | None
@@ -191,6 +196,8 @@ class TrainingDoctor(Callback):
         optimizer = _first_optimizer(trainer)
         self._horizon = warmup_horizon(optimizer) if optimizer is not None else None
         self._automatic = pl_module.automatic_optimization
+        self._strategy = trainer.strategy
+        self._world_size = trainer.world_size
         if self.tensorboard and trainer.is_global_zero and not self._layout_written:
             for logger in _tensorboard_loggers(trainer):
                 logger.experiment.add_custom_scalars(custom_scalars_layout())
@@ -227,7 +234,8 @@ class TrainingDoctor(Callback):
         if metric is None:
             return
         self._flush()
-        self._val_losses.append(float(metric))
+        value = torch.as_tensor(metric, dtype=torch.float32).detach().reshape(1)
+        self._val_losses.append(float(self._across_processes(value)[0]))
         recent = self._epoch_losses or list(self._losses)[-10:]
         self._train_epoch_losses.append(sum(recent) / len(recent) if recent else math.nan)
         self._epoch_losses = []
@@ -413,12 +421,23 @@ class TrainingDoctor(Callback):
         if optimizer is not None and horizon is not None and len(self._lrs) < horizon:
             self._lrs.append(float(optimizer.param_groups[0]["lr"]))
 
+    def _across_processes(self, values: Tensor) -> Tensor:
+        """The mean over data-parallel processes (one collective), so that every process sees
+        the same losses, reaches the same diagnoses and takes the same decisions (a switch, a
+        schedule) at the same step."""
+        strategy = self._strategy
+        if strategy is None or self._world_size <= 1:
+            return values
+        device = strategy.root_device
+        return strategy.reduce(values.to(device), reduce_op="mean").detach()
+
     def _flush(self) -> None:
         """Read the pending losses back (one transfer) and fold micro-batches into steps."""
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        values = torch.stack([loss.float() for _, loss in pending]).cpu().tolist()
+        stacked = torch.stack([loss.float() for _, loss in pending])
+        values = self._across_processes(stacked).cpu().tolist()
         per_step: dict[int, list[float]] = {}
         for (step, _), value in zip(pending, values, strict=True):
             per_step.setdefault(step, []).append(value)

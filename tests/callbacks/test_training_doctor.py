@@ -815,7 +815,7 @@ def test_to_json_writes_strict_json(monkeypatch: pytest.MonkeyPatch, tmp_path: P
         raise ValueError(f"non-standard JSON constant {constant}")
 
     record = json.loads(path.read_text(), parse_constant=reject)
-    assert set(record) == {"diagnoses", "active", "vocabulary", "thresholds"}
+    assert set(record) == {"diagnoses", "active", "actions", "vocabulary", "thresholds"}
     assert record["vocabulary"] == KINDS
     assert record["thresholds"] == asdict(thresholds)
     assert record["active"] == ["lr_too_high"]
@@ -1239,9 +1239,10 @@ def test_lightning_cli_rejects_an_invalid_threshold(
 
 # ------------------------------------------------------------------------------------- DDP
 class SplitRanks(LightningModule):
-    """Linear regression without bias, two ranks: rank 0's inputs are zero, so its loss is
-    ``mean(y^2)`` whatever the weights (a plateau); rank 1 learns a linear target slowly (its
-    loss keeps falling). Module-level and lambda-free: ``ddp_spawn`` pickles it."""
+    """Linear regression without bias, two ranks with different data: rank 0's inputs are
+    zero, so its loss is ``mean(y^2)`` whatever the weights; rank 1 learns a linear target at a
+    negligible rate. Both losses are flat, at different levels. Module-level and lambda-free:
+    ``ddp_spawn`` pickles it."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -1256,7 +1257,7 @@ class SplitRanks(LightningModule):
         return F.mse_loss(self.net(x), y)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.02)
+        return torch.optim.SGD(self.parameters(), lr=1e-6)
 
 
 class RecordingDoctor(TrainingDoctor):
@@ -1315,7 +1316,7 @@ def run_ddp_scenario(out_dir: str) -> None:
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_ddp_ranks_measure_curvature_together_when_one_rank_plateaus(tmp_path: Path) -> None:
+def test_ddp_ranks_share_losses_diagnoses_and_curvature_checks(tmp_path: Path) -> None:
     code = (
         "import sys\n"
         "from tests.callbacks.test_training_doctor import run_ddp_scenario\n"
@@ -1339,16 +1340,17 @@ def test_ddp_ranks_measure_curvature_together_when_one_rank_plateaus(tmp_path: P
     assert process.returncode == 0, output.decode(errors="replace")[-4000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
-    # Both evaluate at the same steps; rank 0's loss is flat at every one of them (so it asks
-    # for curvature: the plateau test is the one the doctor asks on), rank 1's never is.
+    # The doctor averages the losses over the processes: both ranks see the same losses (the
+    # mean of two different flat curves), find the same things at the same steps, ...
+    assert ranks[0]["losses"] == ranks[1]["losses"]
     steps = [step for step, _ in ranks[0]["found"]]
-    assert steps == [step for step, _ in ranks[1]["found"]] == [10, 20, 30, 40]
-    assert [("plateau" in kinds) for _, kinds in ranks[0]["found"]] == [False, True, True, True]
-    assert not any("plateau" in kinds for _, kinds in ranks[1]["found"])
+    assert steps == [10, 20, 30, 40]
+    assert ranks[0]["found"] == ranks[1]["found"]
+    plateaus = [("plateau" in kinds) for _, kinds in ranks[0]["found"]]
+    assert plateaus[0] is False  # before a full window
+    assert plateaus[-2:] == [True, True]
     assert "plateau" in ranks[0]["kinds"]
-    losses = ranks[1]["losses"]
-    assert sum(losses[-5:]) < 0.5 * sum(losses[:5])
-    # ... yet both measured, at the same steps, the same (all-reduced) Hessian.
+    # ... and measured, at the same steps, the same (all-reduced) Hessian on request.
     assert ranks[0]["checks"] == ranks[1]["checks"]
     assert len(ranks[0]["checks"]) >= 2
     assert ranks[0]["lambda_max"] == pytest.approx(ranks[1]["lambda_max"], rel=1e-6)
