@@ -429,3 +429,31 @@ def test_plot_png_draws_the_curve_and_the_suggestion(
     low, high = calls["set_ylim"][0]
     assert high < 5.0
     assert low < min(result.losses)
+
+
+@pytest.mark.parametrize("batch_size", [64, 16])
+def test_steepest_decade_rule_lands_below_the_stability_limit_and_near_it(batch_size: int) -> None:
+    # Full batches and noisy mini-batches alike: the fastest fall per decade comes within two
+    # decades below 2 / lambda_max, where Lightning's rule can sit at the tiny-rate end.
+    module = TinyRegression(batch_size=batch_size)
+    limit = divergence_lr(module.inputs)
+    result = lr_range_test(module, min_lr=1e-8, max_lr=10.0, num_training=100)
+    steepest = result.steepest_decade_lr
+    assert steepest is not None
+    assert limit / 100 < steepest < limit
+    lowest = min(range(10, len(result.losses)), key=lambda i: result.losses[i])
+    assert steepest <= result.lrs[lowest]
+
+
+def test_steepest_decade_rule_needs_three_points() -> None:
+    short = LRRangeResult(
+        lrs=[1e-3, 1e-2],
+        losses=[1.0, 0.5],
+        suggestion=None,
+        num_training=2,
+        mode="exponential",
+        min_lr=1e-3,
+        max_lr=1e-2,
+        early_stop_threshold=None,
+    )
+    assert short.steepest_decade_lr is None
