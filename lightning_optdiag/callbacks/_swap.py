@@ -96,9 +96,11 @@ def _rebind(scheduler: Any, old: torch.optim.Optimizer, new: torch.optim.Optimiz
             base = float(new_group["lr"]) / factor if factor else float(new_group["lr"])
         else:
             base = float(new_group["lr"])
-        new_group["initial_lr"] = base
         if base_lrs is not None:
+            new_group["initial_lr"] = base
             base_lrs[position] = base
+        else:  # no base of its own (ReduceLROnPlateau): leave any other scheduler's in place
+            new_group.setdefault("initial_lr", base)
     scheduler.optimizer = new
     if hasattr(scheduler, "_last_lr"):
         scheduler._last_lr = [group["lr"] for group in new.param_groups]

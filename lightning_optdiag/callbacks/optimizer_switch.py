@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -91,7 +91,10 @@ class OptimizerSwitch(Callback):
     Args:
         policy: ``"swats"``, ``"plateau"``, ``"at_step"`` or ``"at_epoch"``.
         target: registry name of the new optimizer (:func:`lightning_optdiag.optim.
-            list_optimizers`); for ``"swats"`` ``"sgdm"`` (momentum SGD) or ``"nag"``.
+            list_optimizers`); for ``"swats"`` ``"sgdm"`` (momentum SGD) or ``"nag"``. The old
+            groups' ``weight_decay`` is carried over with the new optimizer's meaning: from
+            AdamW (decoupled decay) choose ``"sgdw"`` to keep it decoupled, since ``"sgdm"``
+            turns it into an L2 penalty.
         target_kwargs: constructor arguments of the new optimizer (``lr`` is computed for
             ``"swats"`` and defaults to the current learning rate otherwise).
         at_step: the step after which ``"at_step"`` switches.
@@ -124,7 +127,7 @@ class OptimizerSwitch(Callback):
 
     def __init__(
         self,
-        policy: str = "swats",
+        policy: Literal["swats", "plateau", "at_step", "at_epoch"] = "swats",
         target: str = "sgdm",
         target_kwargs: dict[str, Any] | None = None,
         at_step: int | None = None,
@@ -156,6 +159,13 @@ class OptimizerSwitch(Callback):
             raise ValueError("Invalid at_step: None (policy='at_step' needs the step)")
         if policy == "at_epoch" and at_epoch is None:
             raise ValueError("Invalid at_epoch: None (policy='at_epoch' needs the epoch)")
+        if gate_on is not None and (
+            not isinstance(gate_on, list | tuple) or not all(isinstance(k, str) for k in gate_on)
+        ):
+            raise TypeError(
+                f"Invalid gate_on: {gate_on!r} (expected a list of diagnosis kinds, e.g. "
+                "['plateau'])"
+            )
         kinds = list(gate_on or [])
         for kind in kinds:
             if kind not in KINDS:
@@ -219,11 +229,22 @@ class OptimizerSwitch(Callback):
                     f"Invalid policy: 'swats' needs torch.optim.Adam or AdamW as optimizer "
                     f"{self.optimizer_index}, got {type(optimizer).__name__}"
                 )
+            if any(group.get("maximize", False) for group in optimizer.param_groups):
+                raise ValueError(
+                    "Invalid policy: 'swats' with maximize=True (the criterion assumes Adam "
+                    "descends; negate the objective instead)"
+                )
             if self._criterion is None:
                 beta2 = float(optimizer.param_groups[0]["betas"][1])
                 self._criterion = SwatsCriterion(
                     beta2=beta2, threshold=self.switch_threshold, min_steps=self.switch_min_steps
                 )
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        first = self.policy == "at_step" and self.at_step == 0 and trainer.global_step == 0
+        if first and not self.switched and self._gate_open():
+            self._switch(trainer, "reached step 0")
 
     @override
     def on_train_batch_start(
@@ -378,7 +399,6 @@ class OptimizerSwitch(Callback):
 def _adam_projections(optimizer: torch.optim.Optimizer) -> tuple[int, float, float] | None:
     """Adam's last step count, ``p . p`` and ``p . g`` over all its parameters, from its state
     (one device-to-host transfer); ``None`` before the first step."""
-    decoupled = isinstance(optimizer, torch.optim.AdamW)
     squares: list[Tensor] = []
     projections: list[Tensor] = []
     steps = None
@@ -403,6 +423,9 @@ def _adam_projections(optimizer: torch.optim.Optimizer) -> tuple[int, float, flo
         step_size = float(group["lr"]) / (1.0 - beta1**step)
         grads: list[Tensor] = [p.grad for p in params if p.grad is not None]
         weight_decay = float(group.get("weight_decay", 0.0))
+        decoupled = isinstance(optimizer, torch.optim.AdamW) or group.get(
+            "decoupled_weight_decay", False
+        )
         if weight_decay and not decoupled:
             # Adam's L2 term is part of the gradient it used; the parameters have moved by
             # p = -step_size * direction since.
