@@ -13,10 +13,7 @@ import copy
 import csv
 import json
 import math
-import os
 import random
-import signal
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -38,6 +35,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_optdiag.callbacks import CurvatureMonitor, CurvatureRecord
 from tests import reference
+from tests.ddp import run_scenario
 
 pytestmark = [
     # Tiny synthetic runs: Lightning's advice about workers and the logging interval is noise
@@ -1380,27 +1378,12 @@ def run_ddp_scenario(out_dir: str) -> None:
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_ddp_eigenvalues_are_those_of_the_global_probe(tmp_path: Path) -> None:
-    code = (
-        "import sys\n"
-        "from tests.callbacks.test_curvature_monitor import run_ddp_scenario\n"
-        "run_ddp_scenario(sys.argv[1])\n"
+    run_scenario(
+        "tests.callbacks.test_curvature_monitor",
+        tmp_path,
+        timeout=120,
+        hang="the ranks' checks fell out of lock-step?",
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    process = subprocess.Popen(
-        [sys.executable, "-c", code, str(tmp_path)],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        output, _ = process.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        pytest.fail("the ddp_spawn run hung (the ranks' checks fell out of lock-step?)")
-    assert process.returncode == 0, output.decode(errors="replace")[-4000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert [r["global_step"] for r in ranks] == [6, 6]

@@ -13,9 +13,6 @@ from __future__ import annotations
 import copy
 import io
 import math
-import os
-import signal
-import subprocess
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -39,6 +36,7 @@ from lightning_optdiag.callbacks import (
     NonFiniteEvent,
     NonFiniteGuard,
 )
+from tests.ddp import run_scenario
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BATCH_SIZE = 4
@@ -938,27 +936,12 @@ def run_ddp_scenario(out_dir: str) -> None:
 
 @pytest.mark.distributed
 def test_ddp_both_ranks_skip_the_same_steps(tmp_path: Path) -> None:
-    code = (
-        "import sys\n"
-        "from tests.callbacks.test_nonfinite_guard import run_ddp_scenario\n"
-        "run_ddp_scenario(sys.argv[1])\n"
+    run_scenario(
+        "tests.callbacks.test_nonfinite_guard",
+        tmp_path,
+        timeout=90,
+        hang="ranks did not take the same decision?",
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    process = subprocess.Popen(
-        [sys.executable, "-c", code, str(tmp_path)],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        output, _ = process.communicate(timeout=90)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        pytest.fail("the ddp_spawn run hung (ranks did not take the same decision?)")
-    assert process.returncode == 0, output.decode(errors="replace")[-4000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     for record in ranks:

@@ -16,9 +16,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
-import signal
-import subprocess
 import sys
 import types
 import warnings
@@ -43,6 +40,7 @@ from lightning_optdiag.callbacks.optimizer_switch import _adam_projections
 from lightning_optdiag.diagnosis import Finding
 from lightning_optdiag.optim import SWATS
 from lightning_optdiag.signals import SwatsCriterion
+from tests.ddp import run_scenario
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FEATURES = 8
@@ -1289,27 +1287,12 @@ def run_ddp_scenario(out_dir: str) -> None:
 
 @pytest.mark.distributed
 def test_ddp_ranks_switch_together_and_stay_identical(tmp_path: Path) -> None:
-    code = (
-        "import sys\n"
-        "from tests.callbacks.test_optimizer_switch import run_ddp_scenario\n"
-        "run_ddp_scenario(sys.argv[1])\n"
+    output = run_scenario(
+        "tests.callbacks.test_optimizer_switch",
+        tmp_path,
+        timeout=120,
+        hang="did the ranks switch at different steps?",
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    process = subprocess.Popen(
-        [sys.executable, "-c", code, str(tmp_path)],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        output, _ = process.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        pytest.fail("the ddp_spawn run hung (did the ranks switch at different steps?)")
-    assert process.returncode == 0, output.decode(errors="replace")[-4000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert not torch.equal(ranks[0]["first_batch"], ranks[1]["first_batch"])  # own data
@@ -1331,7 +1314,7 @@ def test_ddp_ranks_switch_together_and_stay_identical(tmp_path: Path) -> None:
         assert_bitwise_equal(ranks[0]["per_step"][k], ranks[1]["per_step"][k])
     assert_bitwise_equal(ranks[0]["state"], ranks[1]["state"])
     # Printed once, by rank zero.
-    text = " ".join(output.decode(errors="replace").split())
+    text = " ".join(output.split())
     assert text.count("optdiag · optimizer switch · step 99: Adam -> sgdm") == 1
 
 

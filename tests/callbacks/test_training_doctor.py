@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
@@ -42,6 +39,7 @@ from lightning_optdiag.callbacks import (
 )
 from lightning_optdiag.demo import SCENARIOS, make_module, run_demo
 from lightning_optdiag.diagnosis import KINDS, Diagnosis, Finding, Thresholds
+from tests.ddp import run_scenario
 
 pytestmark = [
     # Tiny synthetic runs: Lightning's advice about workers and the logging interval is noise
@@ -1317,27 +1315,12 @@ def run_ddp_scenario(out_dir: str) -> None:
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_ddp_ranks_share_losses_diagnoses_and_curvature_checks(tmp_path: Path) -> None:
-    code = (
-        "import sys\n"
-        "from tests.callbacks.test_training_doctor import run_ddp_scenario\n"
-        "run_ddp_scenario(sys.argv[1])\n"
+    run_scenario(
+        "tests.callbacks.test_training_doctor",
+        tmp_path,
+        timeout=120,
+        hang="only one rank measured the curvature?",
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    process = subprocess.Popen(
-        [sys.executable, "-c", code, str(tmp_path)],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        output, _ = process.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        pytest.fail("the ddp_spawn run hung (only one rank measured the curvature?)")
-    assert process.returncode == 0, output.decode(errors="replace")[-4000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     # The doctor averages the losses over the processes: both ranks see the same losses (the
