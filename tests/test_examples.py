@@ -57,3 +57,13 @@ def test_diagnose_training_reports_nothing_for_a_healthy_initialisation(tmp_path
     assert result.returncode == 0, result.stderr
     assert "No problems diagnosed." in result.stdout
     assert json.loads(report.read_text())["diagnoses"] == []
+
+
+def test_swats_switch_example_switches_and_compares(tmp_path: Path) -> None:
+    result = run("examples/swats_switch.py", "--steps", "200")
+    assert result.returncode == 0, result.stderr
+    rows = {line.split("  ")[0]: line for line in result.stdout.splitlines()}
+    assert set(rows) >= {"Adam throughout", "SWATS", "SWATS gated on a stall"}
+    assert "step " in rows["SWATS"]  # the ungated test fires within 200 steps
+    assert rows["Adam throughout"].split()[2] == "-"
+    assert "Warning" not in result.stderr
