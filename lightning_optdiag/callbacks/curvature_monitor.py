@@ -18,6 +18,7 @@ from torch.utils._pytree import tree_map
 from typing_extensions import override
 
 from lightning_optdiag._validation import check_float, check_int
+from lightning_optdiag.callbacks._swap import unwrap
 from lightning_optdiag.curvature import (
     EigenResult,
     HessianOperator,
@@ -328,9 +329,7 @@ class CurvatureMonitor(Callback):
         probe = [batch for batch, _ in self._probe] if self.loss_fn else self._probe
         cold = self._checks % self.cold_start_every == 0
         generator = torch.Generator().manual_seed(self.seed + self._checks)
-        optimizer = (
-            _unwrap(trainer.optimizers[self.optimizer_index]) if trainer.optimizers else None
-        )
+        optimizer = unwrap(trainer.optimizers[self.optimizer_index]) if trainer.optimizers else None
         with HessianOperator(
             pl_module, loss_fn, probe, params=self.params, hvp_reduce=reduce
         ) as operator:
@@ -498,9 +497,7 @@ class CurvatureMonitor(Callback):
         P^-1 H), each costing about 3.5 training steps (an HVP is about two gradients, plus the
         reorthogonalisation), plus one training step per noise-scale chunk. On the benchmark
         model (AdamW, max_hvps=40) that is 148 steps against 121 to 138 measured."""
-        optimizer = (
-            _unwrap(trainer.optimizers[self.optimizer_index]) if trainer.optimizers else None
-        )
+        optimizer = unwrap(trainer.optimizers[self.optimizer_index]) if trainer.optimizers else None
         family = optimizer_family(optimizer) if optimizer is not None else None
         runs = 2 if family in ("adam", "rmsprop", "adagrad") else 1
         return 1.75 * self.max_hvps * runs + (self.noise_chunks if self.noise_scale else 0)
@@ -666,7 +663,3 @@ def _gradient(module: nn.Module, loss_fn: LossFn, batch: Any, operator: HessianO
             for p, g in zip(params, grads, strict=True)
         ]
     )
-
-
-def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
-    return getattr(optimizer, "optimizer", optimizer)

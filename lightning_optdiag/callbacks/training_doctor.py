@@ -20,6 +20,7 @@ from typing_extensions import override
 
 from lightning_optdiag._validation import check_int
 from lightning_optdiag.callbacks._console import console_for
+from lightning_optdiag.callbacks._swap import unwrap
 from lightning_optdiag.callbacks.curvature_monitor import CurvatureMonitor
 from lightning_optdiag.callbacks.gradient_monitor import GradientMonitor
 from lightning_optdiag.callbacks.nonfinite_guard import NonFiniteGuard
@@ -549,8 +550,7 @@ def _loss_of(outputs: Any) -> Tensor | None:
 def _first_optimizer(trainer: Trainer) -> torch.optim.Optimizer | None:
     if not trainer.optimizers:
         return None
-    optimizer = trainer.optimizers[0]
-    return getattr(optimizer, "optimizer", optimizer)
+    return unwrap(trainer.optimizers[0])
 
 
 def _tensorboard_loggers(trainer: Trainer) -> list[TensorBoardLogger]:
