@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import sys
 import types
 import warnings
@@ -1266,20 +1267,27 @@ class RankDump(Callback):
 
 
 DDP_STEPS = 130
+# Looser than the default, so that the test fires well inside DDP_STEPS whatever the last bits
+# of the floating-point sums: what is tested is that both ranks agree, not where.
+DDP_THRESHOLD = 2e-2
 
 
 def run_ddp_scenario(out_dir: str) -> None:
     """Entry point of the subprocess: Adam 3e-3 + SWATS policy on 2 CPU processes, each rank
     reading its own half of the data (Lightning's DistributedSampler)."""
     torch.set_num_threads(1)
+    # The spawned ranks take their thread count from here (otherwise from whatever the parent
+    # process left behind), and thread counts change float summation order.
+    os.environ["OMP_NUM_THREADS"] = "1"
     module = make_module()
     recorder = Recorder()
+    switch = OptimizerSwitch(policy="swats", switch_threshold=DDP_THRESHOLD)
     trainer = Trainer(
         strategy="ddp_spawn",
         devices=2,
         max_steps=DDP_STEPS,
         limit_val_batches=0,
-        callbacks=[OptimizerSwitch(policy="swats"), recorder, RankDump(out_dir, recorder)],
+        callbacks=[switch, recorder, RankDump(out_dir, recorder)],
         **QUIET,
     )
     trainer.fit(module, train_loader())
@@ -1301,13 +1309,16 @@ def test_ddp_ranks_switch_together_and_stay_identical(tmp_path: Path) -> None:
     assert events[0] == events[1]
     step, lr, target = events[0][0]
     assert target == "sgdm"
-    assert step == 99  # measured; each rank sees half of every epoch's data
+    assert 10 <= step < DDP_STEPS - 5
     assert ranks[0]["lambda"] == ranks[1]["lambda"]
     # The paper's rule on the projections each rank measured from its own (all-reduced)
     # gradients and parameter snapshots fires at the same step.
     for record in ranks:
         measured = [record["projections"][k] for k in range(1, step + 1)]
-        assert paper_switch(measured) == (step, pytest.approx(record["lambda"], rel=1e-4))
+        assert paper_switch(measured, threshold=DDP_THRESHOLD) == (
+            step,
+            pytest.approx(record["lambda"], rel=1e-4),
+        )
     assert lr == (1.0 - BETA1) * ranks[0]["lambda"]
     assert [r["optimizer"] for r in ranks] == ["SGD", "SGD"]
     for k in range(step, DDP_STEPS + 1):
@@ -1315,7 +1326,7 @@ def test_ddp_ranks_switch_together_and_stay_identical(tmp_path: Path) -> None:
     assert_bitwise_equal(ranks[0]["state"], ranks[1]["state"])
     # Printed once, by rank zero.
     text = " ".join(output.split())
-    assert text.count("optdiag · optimizer switch · step 99: Adam -> sgdm") == 1
+    assert text.count(f"optdiag · optimizer switch · step {step}: Adam -> sgdm") == 1
 
 
 # ------------------------------------------------------------------------------------- CLI
