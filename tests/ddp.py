@@ -26,7 +26,7 @@ def run_scenario(module: str, out_dir: Path, timeout: float, hang: str) -> str:
     process = subprocess.Popen(
         [sys.executable, "-c", code, str(out_dir)],
         cwd=REPO_ROOT,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        env={**_clean_environment(), "PYTHONPATH": str(REPO_ROOT)},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -40,3 +40,12 @@ def run_scenario(module: str, out_dir: Path, timeout: float, hang: str) -> str:
     text = output.decode(errors="replace")
     assert process.returncode == 0, text[-4000:]
     return text
+
+
+# What Lightning leaves in os.environ for the processes it spawns: inherited from earlier tests
+# in this process, it would re-seed the ranks (PL_GLOBAL_SEED) or pin a port still in use.
+_LIGHTNING_LEFTOVERS = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS", "MASTER_PORT", "MASTER_ADDR")
+
+
+def _clean_environment() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in _LIGHTNING_LEFTOVERS}

@@ -1276,9 +1276,11 @@ def run_ddp_scenario(out_dir: str) -> None:
     """Entry point of the subprocess: Adam 3e-3 + SWATS policy on 2 CPU processes, each rank
     reading its own half of the data (Lightning's DistributedSampler)."""
     torch.set_num_threads(1)
-    # The spawned ranks take their thread count from here (otherwise from whatever the parent
-    # process left behind), and thread counts change float summation order.
+    # The spawned ranks take their thread count and their seed (Lightning re-seeds every rank
+    # from PL_GLOBAL_SEED) from the environment, which otherwise holds whatever earlier tests
+    # in the parent process left there (seed_everything(123) made this run never switch).
     os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["PL_GLOBAL_SEED"] = "0"
     module = make_module()
     recorder = Recorder()
     switch = OptimizerSwitch(policy="swats", switch_threshold=DDP_THRESHOLD)
