@@ -316,7 +316,12 @@ def _plateau(obs: Observations, th: Thresholds, s: _State, f: list[Finding]) -> 
             "mean_loss": t.mean,
         },
         message=f"The training loss stopped improving over the last {t.num_values} steps "
-        f"(change {t.relative_change:+.2%}, p = {t.p_decreasing:.2g} for a decrease).",
+        + (
+            f"(change {t.relative_change:+.2%}: a real decrease, p = {t.p_decreasing:.2g}, but "
+            f"below the {th.plateau_min_decrease:.0%} that counts as progress)."
+            if t.p_decreasing < th.plateau_alpha
+            else f"(change {t.relative_change:+.2%}, p = {t.p_decreasing:.2g} for a decrease)."
+        ),
         recommendation="See the accompanying diagnosis for the cause; if none, the run may have "
         "converged: check the validation loss, then decay the learning rate or stop early.",
     )
