@@ -28,7 +28,7 @@ included, amortised over the run.
 
 Run from the repository root::
 
-    python benchmarks/curvature_monitor.py                # full run: about 10 minutes on 2 cores
+    python benchmarks/curvature_monitor.py                # full run: about 21 minutes on 2 cores
     python benchmarks/curvature_monitor.py --quick        # small model, under 20 s (smoke test)
     python benchmarks/curvature_monitor.py --update-docs  # full run, then rewrite the
                                                           # "CurvatureMonitor" section of

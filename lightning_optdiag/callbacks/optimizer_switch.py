@@ -201,17 +201,14 @@ class OptimizerSwitch(Callback):
     # ------------------------------------------------------------------------------------ hooks
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        from lightning_optdiag.callbacks.training_doctor import TrainingDoctor
+        from lightning_optdiag.callbacks.training_doctor import TrainingDoctor, find_callback
 
         if self.optimizer_index >= len(trainer.optimizers):
             raise ValueError(
                 f"Invalid optimizer_index: {self.optimizer_index} (the trainer has "
                 f"{len(trainer.optimizers)} optimizer(s))"
             )
-        self._doctor = next(
-            (c for c in trainer.callbacks if isinstance(c, TrainingDoctor)),  # type: ignore[attr-defined]
-            None,
-        )
+        self._doctor = find_callback(trainer, TrainingDoctor)
         if (self.policy == "plateau" or self.gate_on) and self._doctor is None:
             raise ValueError(
                 f"Invalid policy: {self.policy!r} with gate_on={self.gate_on!r} needs a "

@@ -72,12 +72,9 @@ class ScheduleAdvisor(Callback):
     # ------------------------------------------------------------------------------------ hooks
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        from lightning_optdiag.callbacks.training_doctor import TrainingDoctor
+        from lightning_optdiag.callbacks.training_doctor import TrainingDoctor, find_callback
 
-        self._doctor = next(
-            (c for c in trainer.callbacks if isinstance(c, TrainingDoctor)),  # type: ignore[attr-defined]
-            None,
-        )
+        self._doctor = find_callback(trainer, TrainingDoctor)
         if self._doctor is None:
             raise ValueError(
                 "ScheduleAdvisor needs a TrainingDoctor on the same Trainer (its diagnoses are "

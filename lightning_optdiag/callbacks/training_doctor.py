@@ -190,9 +190,9 @@ class TrainingDoctor(Callback):
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._monitors = (
-            _find(trainer, GradientMonitor),
-            _find(trainer, NonFiniteGuard),
-            _find(trainer, CurvatureMonitor),
+            find_callback(trainer, GradientMonitor),
+            find_callback(trainer, NonFiniteGuard),
+            find_callback(trainer, CurvatureMonitor),
         )
         optimizer = _first_optimizer(trainer)
         self._horizon = warmup_horizon(optimizer) if optimizer is not None else None
@@ -532,7 +532,8 @@ class TrainingDoctor(Callback):
 
 
 # ----------------------------------------------------------------------------------- helpers
-def _find(trainer: Trainer, kind: type[Any]) -> Any:
+def find_callback(trainer: Trainer, kind: type[Any]) -> Any:
+    """The first callback of type ``kind`` on ``trainer`` (``None`` if there is none)."""
     for callback in trainer.callbacks:  # type: ignore[attr-defined]
         if isinstance(callback, kind):
             return callback
