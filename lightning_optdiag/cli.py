@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="optdiag",
         description="Training diagnostics for PyTorch Lightning.",
     )
+    from lightning_optdiag import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
     demo = commands.add_parser(
@@ -54,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     demo.set_defaults(handler=_demo)
+    _add_report_parser(commands)
     _add_lr_find_parser(commands)  # optdiag lr-find: see the block at the end of this file
     return parser
 
@@ -139,8 +143,9 @@ def _print_demo(console: Any, result: Any) -> None:
 
     console.print(full_report(result.doctor.diagnoses, result.steps, result.doctor.actions))
     console.print(
-        f"TensorBoard logs: [bold]{result.logdir}[/bold] "
-        f"(view them with: tensorboard --logdir {result.logdir})"
+        f"TensorBoard logs: [bold]{result.logdir}[/bold]\n"
+        f"  read them back: optdiag report {result.logdir}\n"
+        f"  view them:      tensorboard --logdir {result.logdir}"
     )
 
 
@@ -179,6 +184,124 @@ def _gradient_detail(event: Any) -> str:
             f"norm of {event.reference:.2g}"
         )
     return f"{', '.join(event.layers)} recovered"
+
+
+# --- optdiag report -------------------------------------------------------------------------------
+# Reads the TensorBoard event files the callbacks wrote (lightning_optdiag.report.logdir) and prints
+# each run's key curves and diagnoses. Exit codes: 0 healthy, 1 problems diagnosed, 2 bad input.
+
+REPORT_EPILOG = """\
+exit status:
+  0  every run is healthy (no diagnosis, no non-finite value)
+  1  problems were diagnosed in at least one run
+  2  bad input: no such directory, no optdiag data, or a corrupt event file
+
+examples:
+  optdiag report optdiag_logs
+  optdiag report lightning_logs --latest
+  optdiag report lightning_logs/version_3 --json > report.json
+"""
+
+
+def _add_report_parser(commands: Any) -> None:
+    report = commands.add_parser(
+        "report",
+        help="read the TensorBoard logs of a run back: diagnoses and key curves",
+        description="Read the TensorBoard event files that optdiag's callbacks wrote under\n"
+        "LOGDIR and print, for each run, the key curves (losses, learning rates, gradient\n"
+        "norm, Hessian eigenvalues, sharpness ratio, noise scale) as sparklines and the\n"
+        "TrainingDoctor's diagnoses with their evidence and recommendations.",
+        epilog=REPORT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    report.add_argument(
+        "logdir",
+        metavar="LOGDIR",
+        help="a log directory (searched recursively: one run per directory of event files), "
+        "a run directory, or one event file",
+    )
+    report.add_argument(
+        "--latest",
+        action="store_true",
+        help="only the run written most recently (e.g. the last lightning_logs/version_N)",
+    )
+    report.add_argument(
+        "--width",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="sparkline width in characters (default: what the terminal fits, at most 40)",
+    )
+    report.add_argument(
+        "--json",
+        action="store_true",
+        help="print the runs' diagnoses and counts as JSON instead (same exit status)",
+    )
+    report.set_defaults(handler=_report)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from lightning_optdiag.report.logdir import LogdirError, read_logdir
+    from lightning_optdiag.report.summary import run_verdict
+
+    try:
+        runs = read_logdir(args.logdir)
+    except LogdirError as error:
+        print(f"optdiag report: error: {error}", file=sys.stderr)
+        return 2
+    if args.latest:
+        runs = [max(runs, key=lambda run: max(path.stat().st_mtime for path in run.files))]
+    verdicts = [run_verdict(run) for run in runs]
+    if args.json:
+        _print_report_json(runs, verdicts)
+    else:
+        _print_report(runs, verdicts, args.width)
+    return max(verdict.exit_code for verdict in verdicts)
+
+
+def _print_report(runs: list[Any], verdicts: list[Any], width: int | None) -> None:
+    from rich.console import Console
+    from rich.rule import Rule
+
+    from lightning_optdiag.report.summary import run_report
+
+    console = Console()
+    if width is None:
+        # The other columns of the curves table take up to about 64 characters.
+        width = max(8, min(40, console.width - 66))
+    for run in runs:
+        if len(runs) > 1:
+            console.print(Rule(style="dim"))
+        console.print(run_report(run, width))
+    if len(runs) > 1:
+        unhealthy = sum(not verdict.healthy for verdict in verdicts)
+        style = "green" if not unhealthy else "yellow"
+        console.print(
+            f"[{style}]{len(runs)} runs: {len(runs) - unhealthy} healthy, "
+            f"{unhealthy} with problems[/{style}]"
+        )
+
+
+def _print_report_json(runs: list[Any], verdicts: list[Any]) -> None:
+    import json
+
+    payload = [
+        {
+            "run": str(run.path),
+            "last_step": run.last_step,
+            "healthy": verdict.healthy,
+            "source": verdict.source,
+            "diagnoses": None
+            if verdict.diagnoses is None
+            else [diagnosis.to_dict() for diagnosis in verdict.diagnoses],
+            "actions": verdict.actions,
+            "nonfinite_events": verdict.nonfinite_events,
+            "skipped_steps": verdict.skipped_steps,
+            "warnings": run.warnings,
+        }
+        for run, verdict in zip(runs, verdicts, strict=True)
+    ]
+    print(json.dumps(payload, indent=2))
 
 
 # --- optdiag lr-find ------------------------------------------------------------------------------

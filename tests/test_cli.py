@@ -34,6 +34,14 @@ def test_help_is_fast_and_lists_the_scenarios() -> None:
     assert elapsed < 5.0  # no torch or Lightning import just to print help
 
 
+def test_version_is_the_package_version() -> None:
+    from lightning_optdiag import __version__
+
+    result = optdiag("--version")
+    assert result.returncode == 0
+    assert result.stdout.split() == ["optdiag", __version__]
+
+
 def test_help_does_not_import_torch() -> None:
     probe = "import sys, lightning_optdiag.cli; print('torch' in sys.modules)"
     result = subprocess.run(

@@ -1,5 +1,6 @@
 """Lightning callbacks: the thin glue between Trainer hooks and optdiag's signal computations."""
 
+from lightning_optdiag.callbacks.auto_attach import AutoAttach
 from lightning_optdiag.callbacks.curvature_monitor import CurvatureMonitor, CurvatureRecord
 from lightning_optdiag.callbacks.gradient_monitor import (
     GradientEvent,
@@ -16,6 +17,7 @@ from lightning_optdiag.callbacks.schedule_advisor import ScheduleAdvisor
 from lightning_optdiag.callbacks.training_doctor import TrainingDoctor
 
 __all__ = [
+    "AutoAttach",
     "CurvatureMonitor",
     "CurvatureRecord",
     "GradientEvent",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -12,6 +13,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
@@ -22,6 +24,7 @@ from lightning_optdiag.callbacks._swap import unwrap
 from lightning_optdiag.curvature import (
     EigenResult,
     HessianOperator,
+    NonFiniteLossError,
     ScaledOperator,
     SpectralDensity,
     all_reduce_mean,
@@ -129,6 +132,10 @@ class CurvatureMonitor(Callback):
     (its loss must be returned as a tensor or under ``"loss"``); pass ``loss_fn(module, batch)``
     to use something else, which is required under manual optimization.
 
+    Curvature is undefined where the probe loss is NaN or infinite (weights gone bad under
+    ``NonFiniteGuard(action="warn")``, say): such a check is skipped, counted in
+    ``skipped_checks`` and warned about once, and training goes on.
+
     Logged (rank zero): ``optdiag/hessian/lambda_max``, ``optdiag/hessian/lambda_min``,
     ``optdiag/hessian/sharpness``, ``optdiag/hessian/stability_threshold``,
     ``optdiag/hessian/sharpness_ratio``, ``optdiag/hessian/trace`` (with ``trace=True``),
@@ -228,6 +235,8 @@ class CurvatureMonitor(Callback):
         self.optimizer_index = check_int("optimizer_index", optimizer_index, minimum=0)
         self.seed = check_int("seed", seed)
         self.history: list[CurvatureRecord] = []
+        self.skipped_checks = 0
+        self._warned_nonfinite = False
         self.density_estimate: SpectralDensity | None = None
         self._probe: list[tuple[Any, int]] = []
         self._current: tuple[Any, int] | None = None
@@ -330,9 +339,19 @@ class CurvatureMonitor(Callback):
         cold = self._checks % self.cold_start_every == 0
         generator = torch.Generator().manual_seed(self.seed + self._checks)
         optimizer = unwrap(trainer.optimizers[self.optimizer_index]) if trainer.optimizers else None
-        with HessianOperator(
-            pl_module, loss_fn, probe, params=self.params, hvp_reduce=reduce
-        ) as operator:
+        operator: HessianOperator | None = None
+        with contextlib.suppress(NonFiniteLossError):
+            operator = HessianOperator(
+                pl_module, loss_fn, probe, params=self.params, hvp_reduce=reduce
+            )
+        # Every process must take the same branch: the check runs collectives.
+        if trainer.strategy.reduce_boolean_decision(operator is None, all=False):
+            if operator is not None:
+                operator.close()
+            self._skip_nonfinite(trainer)
+            return None
+        assert operator is not None
+        with operator:
             warm = not cold and self._warm_start_for("hessian", operator.size) is not None
             spectrum = self._eigen(operator, "hessian", "both", cold, generator)
             record = _record_of(trainer.global_step, spectrum, operator)
@@ -361,8 +380,21 @@ class CurvatureMonitor(Callback):
         self._last_check_step = trainer.global_step
         self._next_check = trainer.global_step + self.every_n_steps
         self.history.append(record)
+        self._warned_nonfinite = False
         self._log(trainer, record)
         return record
+
+    def _skip_nonfinite(self, trainer: Trainer) -> None:
+        """No curvature at a non-finite loss: skip this check, say so once per episode."""
+        self.skipped_checks += 1
+        self._next_check = trainer.global_step + self.every_n_steps
+        if not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            rank_zero_warn(
+                f"CurvatureMonitor: the probe batch's loss is not finite at step "
+                f"{trainer.global_step}; curvature checks are skipped until it is (NonFiniteGuard "
+                "reports the cause)"
+            )
 
     def _eigen(
         self,

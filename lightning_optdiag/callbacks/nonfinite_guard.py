@@ -25,6 +25,8 @@ from lightning_optdiag.signals import tensor_norms
 
 __all__ = ["NonFiniteError", "NonFiniteEvent", "NonFiniteGuard"]
 
+PREFIX = "optdiag/nonfinite"
+
 Action = Literal["warn", "skip", "raise"]
 ACTIONS = ("warn", "skip", "raise")
 
@@ -78,6 +80,10 @@ class NonFiniteGuard(Callback):
 
     Under DDP every process takes the same decision: the flag is reduced across processes, so a
     skip never desynchronises them.
+
+    Logged (rank zero, at each event and skipped step): ``optdiag/nonfinite/events`` (events so
+    far), ``optdiag/nonfinite/skipped_steps`` and ``optdiag/nonfinite/scaler_skips``, which
+    ``optdiag report`` reads back.
 
     Args:
         action: ``"warn"`` (default) records the event and warns; ``"skip"`` drops the step (the
@@ -311,6 +317,7 @@ class NonFiniteGuard(Callback):
     ) -> None:
         self.scaler_skips += 1
         self._consecutive_scaler_skips += 1
+        self._log_counts(trainer)
         scale = float(scaler.get_scale())
         # The scaler halves its scale after this step: judge the scale it will fall to.
         next_scale = scale * float(scaler.get_backoff_factor())
@@ -361,6 +368,7 @@ class NonFiniteGuard(Callback):
             self._clip_val, trainer.gradient_clip_val = trainer.gradient_clip_val, None
         self.skipped_steps += 1
         self._consecutive_skips += 1
+        self._log_counts(trainer)
         self._maybe_back_off(optimizer, trainer.global_step)
         if self._consecutive_skips >= self.max_consecutive_skips:
             raise NonFiniteError(
@@ -378,11 +386,24 @@ class NonFiniteGuard(Callback):
         if self.action == "raise":
             event.action = "raised"
             self.events.append(event)
+            self._log_counts(trainer)
             raise NonFiniteError(f"NonFiniteGuard: {event.detail}")
         event.action = "warned"
         self.events.append(event)
+        self._log_counts(trainer)
         suffix = "" if undoable or self.action == "warn" else " (cannot be undone by skipping)"
         rank_zero_warn(f"NonFiniteGuard: {event.detail}{suffix}")
+
+    def _log_counts(self, trainer: Trainer) -> None:
+        if not trainer.is_global_zero:
+            return
+        metrics = {
+            f"{PREFIX}/events": float(len(self.events)),
+            f"{PREFIX}/skipped_steps": float(self.skipped_steps),
+            f"{PREFIX}/scaler_skips": float(self.scaler_skips),
+        }
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
 
     def _maybe_back_off(self, optimizer: Optimizer, step: int) -> None:
         if self.lr_backoff is None or self._consecutive_skips % self.backoff_after:

@@ -39,6 +39,7 @@ from lightning_optdiag.report import (
     diagnoses_markdown,
     full_report,
 )
+from lightning_optdiag.report.record import RECORD_TAG, encode_record
 from lightning_optdiag.signals import optimizer_family, trend_test, warmup_horizon
 
 __all__ = ["TrainingDoctor"]
@@ -73,8 +74,10 @@ class TrainingDoctor(Callback):
     full table at the end of ``fit`` (rank zero), printed through the console of Lightning's
     ``RichProgressBar`` when one is used so that the live display stays intact, and as plain
     text when the output is not a terminal; on TensorBoard a custom-scalars layout grouping
-    optdiag's charts, the diagnoses as a Markdown table (``optdiag/diagnoses``), and one scalar
-    per kind (``optdiag/diagnosis/<kind>``: 1 while active); ``doctor.to_json(path)``.
+    optdiag's charts, the diagnoses as a Markdown table (``optdiag/diagnoses``) and as a JSON
+    record for ``optdiag report`` (``optdiag/doctor/record``), written when they change and at
+    the end of ``fit``, and one scalar per kind (``optdiag/diagnosis/<kind>``: 1 while active);
+    ``doctor.to_json(path)``.
 
     The training losses are read from the output of ``training_step`` (under manual
     optimization, a returned tensor or ``"loss"``, or the logged metric ``train_loss_key``),
@@ -247,6 +250,7 @@ class TrainingDoctor(Callback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.global_step != self._evaluated_step:
             self.evaluate(trainer, pl_module)
+        self._write_text(trainer, trainer.global_step, final=True)
         if trainer.is_global_zero and self.console:
             report = full_report(self.diagnoses, trainer.global_step, self.actions)
             console_for(trainer).print(report)
@@ -470,11 +474,22 @@ class TrainingDoctor(Callback):
             metrics[f"{PREFIX}/loss/val"] = self._val_losses[-1]
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
-        if self.tensorboard and self._text_stale:
-            self._text_stale = False
-            text = diagnoses_markdown(self.diagnoses, self.actions)
-            for logger in _tensorboard_loggers(trainer):
-                logger.experiment.add_text(f"{PREFIX}/diagnoses", text, step)
+        if self._text_stale:
+            self._write_text(trainer, step)
+
+    def _write_text(self, trainer: Trainer, step: int, final: bool = False) -> None:
+        """The Markdown table for people and the record for ``optdiag report``; at the end of
+        fit always (so that even a healthy run says so), otherwise when something changed."""
+        if not (self.tensorboard and trainer.is_global_zero):
+            return
+        if not (self._text_stale or final):
+            return
+        self._text_stale = False
+        text = diagnoses_markdown(self.diagnoses, self.actions)
+        record = encode_record(self.diagnoses, self.actions, step, final=final)
+        for logger in _tensorboard_loggers(trainer):
+            logger.experiment.add_text(f"{PREFIX}/diagnoses", text, step)
+            logger.experiment.add_text(RECORD_TAG, record, step)
 
     def _print_changes(self, trainer: Trainer) -> None:
         appeared, cleared = self._unreported

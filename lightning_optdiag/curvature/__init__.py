@@ -22,6 +22,7 @@ from lightning_optdiag.curvature.isolation import isolated_forward
 from lightning_optdiag.curvature.operator import (
     HessianOperator,
     LossFn,
+    NonFiniteLossError,
     ParamSelection,
     SymmetricOperator,
     select_parameters,
@@ -33,6 +34,7 @@ __all__ = [
     "EigenResult",
     "HessianOperator",
     "LossFn",
+    "NonFiniteLossError",
     "ParamSelection",
     "ScaledOperator",
     "SpectralDensity",

@@ -14,7 +14,18 @@ from torch.utils._pytree import tree_map
 
 from lightning_optdiag.curvature.isolation import isolated_forward
 
-__all__ = ["HessianOperator", "LossFn", "ParamSelection", "SymmetricOperator"]
+__all__ = [
+    "HessianOperator",
+    "LossFn",
+    "NonFiniteLossError",
+    "ParamSelection",
+    "SymmetricOperator",
+]
+
+
+class NonFiniteLossError(ValueError):
+    """The loss is NaN or infinite where the Hessian was asked for: curvature is undefined."""
+
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 """``loss_fn(model, batch) -> scalar tensor``, differentiable in the model's parameters."""
@@ -85,7 +96,8 @@ class HessianOperator:
         TypeError: ``model`` is not a module, ``loss_fn`` is not callable or does not return a
             tensor, or the selected parameters mix devices.
         ValueError: no trainable parameter is selected, a name matches nothing, or the loss is
-            not a scalar, not finite, or not connected to the selected parameters.
+            not a scalar or not connected to the selected parameters.
+        NonFiniteLossError: the loss is NaN or infinite (a ``ValueError``).
 
     Example::
 
@@ -425,7 +437,7 @@ def _validated_loss_value(loss: Any) -> float:
         raise TypeError(f"Invalid loss: expected a floating-point tensor, got {loss.dtype}")
     value = float(loss.detach())
     if not math.isfinite(value):
-        raise ValueError(
+        raise NonFiniteLossError(
             f"Invalid loss: loss_fn returned {value}; curvature is undefined at a non-finite loss"
         )
     return value

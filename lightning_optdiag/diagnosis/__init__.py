@@ -4,11 +4,35 @@
 - :class:`Thresholds`: every number the rules compare against, with its source.
 - :class:`Observations` / :func:`diagnose`: the rules themselves.
 - :class:`Finding` / :class:`Diagnosis`: what a rule concludes, and that conclusion over time.
+
+The rules and thresholds (which need torch) load on first use, so that reading records back
+(``optdiag report``) stays light.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from lightning_optdiag.diagnosis.records import KINDS, SEVERITIES, Diagnosis, Finding
-from lightning_optdiag.diagnosis.rules import CurvatureObservation, Observations, diagnose
-from lightning_optdiag.diagnosis.thresholds import Thresholds
+
+if TYPE_CHECKING:
+    from lightning_optdiag.diagnosis.rules import CurvatureObservation, Observations, diagnose
+    from lightning_optdiag.diagnosis.thresholds import Thresholds
+
+_LAZY = {
+    "CurvatureObservation": "rules",
+    "Observations": "rules",
+    "diagnose": "rules",
+    "Thresholds": "thresholds",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "KINDS",

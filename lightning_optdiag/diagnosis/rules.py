@@ -219,11 +219,14 @@ def _nonfinite(obs: Observations, th: Thresholds, s: _State, f: list[Finding]) -
         severity="error",
         confidence=0.99,
         evidence={"steps": steps[-20:], "count": len(steps), "detail": obs.nonfinite_detail},
-        message=f"Non-finite values at {len(steps)} step(s), latest {steps[-1]}"
+        message=f"Non-finite values at {len(steps)} step(s)"
+        + (f", first {steps[0]}, latest {steps[-1]}" if len(steps) > 1 else f", at {steps[0]}")
         + (f": {obs.nonfinite_detail}" if obs.nonfinite_detail else "."),
-        recommendation="Attach NonFiniteGuard(action='skip', locate=True) to keep training and "
-        "find the first module that overflows; lower the learning rate or clip gradients; "
-        "under fp16 prefer bf16; check the inputs of the offending batch for NaN.",
+        recommendation="Lower the learning rate or clip gradients "
+        "(Trainer(gradient_clip_val=...)); check the inputs of the offending batches for NaN; "
+        "under fp16 prefer bf16. "
+        "NonFiniteGuard(action='skip', locate=True) keeps training past such steps and names "
+        "the first module whose output overflows.",
     )
 
 

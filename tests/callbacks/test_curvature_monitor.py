@@ -1434,3 +1434,29 @@ def test_ddp_eigenvalues_are_those_of_the_global_probe(tmp_path: Path) -> None:
             assert rank["history"][index]["noise_scale"] == pytest.approx(expected, rel=1e-7)
     for rank in ranks:
         assert all(h["noise_scale"] is not None for h in rank["history"])
+
+
+class PoisonWeights(Callback):
+    """Sets one weight to NaN after optimizer step ``at``: every later loss is NaN."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step == self.at:
+            with torch.no_grad():
+                next(pl_module.parameters()).view(-1)[0] = math.nan
+
+
+def test_checks_at_a_non_finite_loss_are_skipped_with_one_warning() -> None:
+    monitor = CurvatureMonitor(every_n_steps=1, **EXACT)
+    # The poison comes after the monitor's own hook at step 3, so step 3 is measured.
+    with pytest.warns(UserWarning, match="loss is not finite at step 4") as caught:
+        trainer = fit(Net(), [monitor, PoisonWeights(at=3)], max_steps=6)
+    assert trainer.global_step == 6
+    assert [record.step for record in monitor.history] == [1, 2, 3]
+    assert all(math.isfinite(record.lambda_max) for record in monitor.history)
+    assert monitor.skipped_checks == 3  # steps 4, 5, 6
+    assert sum("CurvatureMonitor" in str(w.message) for w in caught) == 1

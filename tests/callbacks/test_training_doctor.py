@@ -39,6 +39,7 @@ from lightning_optdiag.callbacks import (
 )
 from lightning_optdiag.demo import SCENARIOS, make_module, run_demo
 from lightning_optdiag.diagnosis import KINDS, Diagnosis, Finding, Thresholds
+from lightning_optdiag.report.record import RECORD_TAG, decode_record
 from tests.ddp import run_scenario
 
 pytestmark = [
@@ -781,12 +782,22 @@ def test_tensorboard_layout_text_and_per_kind_scalars(
     assert texts[max(texts)] == texts[4]
 
 
-def test_tensorboard_text_is_written_only_when_something_changed(
+def test_tensorboard_text_is_written_when_something_changed_and_at_the_end(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    _, events = tensorboard_run(monkeypatch, tmp_path)
+    doctor, events = tensorboard_run(monkeypatch, tmp_path)
     (tag,) = [t for t in events.PluginTagToContent("text") if t.startswith("optdiag/diagnoses")]
-    assert [e.step for e in events.Tensors(tag)] == [2, 3, 4]
+    assert [e.step for e in events.Tensors(tag)] == [2, 3, 4, 6]
+    (record_tag,) = [t for t in events.PluginTagToContent("text") if t.startswith(RECORD_TAG)]
+    texts = events.Tensors(record_tag)
+    assert [e.step for e in texts] == [2, 3, 4, 6]
+    records = [decode_record(e.tensor_proto.string_val[0].decode()) for e in texts]
+    assert [r.final for r in records] == [False, False, False, True]
+    assert [(d.kind, d.step, d.cleared_step) for d in records[1].diagnoses] == [
+        ("plateau", 2, None),
+        ("nonfinite", 3, None),
+    ]
+    assert records[-1].diagnoses == doctor.diagnoses
 
 
 def test_to_json_writes_strict_json(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

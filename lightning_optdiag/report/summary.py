@@ -1,0 +1,258 @@
+"""A run read back from its event files, as a rich report: key curves and the diagnoses.
+
+This is what ``optdiag report LOGDIR`` prints. The diagnoses come from the doctor's record when
+there is one; from the per-kind scalars ``optdiag/diagnosis/<kind>`` (without the evidence) when
+only those were logged; and a run without a doctor still shows its curves and its non-finite
+events.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from lightning_optdiag.diagnosis.records import KINDS, Diagnosis
+from lightning_optdiag.report.console import full_report
+from lightning_optdiag.report.logdir import RunLog
+
+__all__ = ["KEY_CURVES", "RunVerdict", "run_report", "run_verdict", "sparkline"]
+
+KEY_CURVES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (
+        "training loss",
+        ("optdiag/loss/train", "train_loss", "train_loss_step", "train/loss", "loss"),
+    ),
+    ("validation loss", ("optdiag/loss/val", "val_loss", "val_loss_epoch", "val/loss")),
+    ("gradient norm", ("optdiag/grad_norm/total",)),
+    ("λ_max", ("optdiag/hessian/lambda_max",)),
+    ("λ_min", ("optdiag/hessian/lambda_min",)),
+    ("sharpness ratio", ("optdiag/hessian/sharpness_ratio",)),
+    ("noise scale", ("optdiag/hessian/noise_scale",)),
+    ("Hessian trace", ("optdiag/hessian/trace",)),
+)
+"""``(label, tags)``: each curve shows the first of its tags the run has; the loss curves fall
+back on the usual names of a module's own logged losses. Learning rates (LearningRateMonitor's
+``lr-*`` tags) are added after the losses."""
+
+_LEVELS = "▁▂▃▄▅▆▇█"
+_LOG_SPAN = 100.0  # a positive curve spanning this ratio or more is drawn on a log scale
+_NONFINITE_TAG = "optdiag/nonfinite/events"
+_SKIPPED_TAG = "optdiag/nonfinite/skipped_steps"
+_DIAGNOSIS_PREFIX = "optdiag/diagnosis/"
+
+
+@dataclass
+class RunVerdict:
+    """What a run's logs say, in numbers.
+
+    Attributes:
+        diagnoses: every diagnosis of the run (``None``: no TrainingDoctor data).
+        source: where they came from: ``"record"`` (the doctor's record, with evidence),
+            ``"scalars"`` (the per-kind scalars only) or ``"none"``.
+        nonfinite_events: NonFiniteGuard's event count (0 when it was not attached).
+        skipped_steps: steps NonFiniteGuard skipped.
+        actions: optimizer switches and schedules installed, from the doctor's record.
+    """
+
+    diagnoses: list[Diagnosis] | None
+    source: str
+    nonfinite_events: int = 0
+    skipped_steps: int = 0
+    actions: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def healthy(self) -> bool:
+        """No diagnosis and no non-finite event."""
+        return not self.diagnoses and self.nonfinite_events == 0
+
+    @property
+    def exit_code(self) -> int:
+        """``optdiag report``'s exit code for this run: 0 healthy, 1 problems diagnosed."""
+        return 0 if self.healthy else 1
+
+
+def run_verdict(run: RunLog) -> RunVerdict:
+    """The diagnoses, actions and non-finite counts of ``run``."""
+    events = int(_last_value(run, _NONFINITE_TAG) or 0)
+    skipped = int(_last_value(run, _SKIPPED_TAG) or 0)
+    if run.record is not None:
+        diagnoses = list(run.record.diagnoses)
+        return RunVerdict(diagnoses, "record", events, skipped, list(run.record.actions))
+    from_scalars = _diagnoses_from_scalars(run)
+    if from_scalars is not None:
+        return RunVerdict(from_scalars, "scalars", events, skipped)
+    return RunVerdict(None, "none", events, skipped)
+
+
+def run_report(run: RunLog, width: int = 40) -> RenderableType:
+    """The report of one run: a heading, warnings, the key curves and the diagnoses."""
+    verdict = run_verdict(run)
+    parts: list[RenderableType] = []
+    files = len(run.files)
+    heading = Text()
+    heading.append(str(run.path), style="bold")
+    heading.append(f"  ·  up to step {run.last_step}  ·  {files} event file{'s' * (files != 1)}")
+    parts.append(heading)
+    if run.record is not None and not run.record.final:
+        parts.append(
+            Text(
+                f"The run did not reach the end of fit (the doctor's last record is from step "
+                f"{run.record.step}): it stopped early, crashed, or is still training.",
+                style="yellow",
+            )
+        )
+    parts.extend(Text(f"warning: {message}", style="yellow") for message in run.warnings)
+    curves = curves_table(run, width)
+    if curves is not None:
+        parts.append(curves)
+    if verdict.nonfinite_events:
+        parts.append(
+            Text(
+                f"NonFiniteGuard: {verdict.nonfinite_events} non-finite event"
+                f"{'s' * (verdict.nonfinite_events != 1)}, {verdict.skipped_steps} step"
+                f"{'s' * (verdict.skipped_steps != 1)} skipped",
+                style="bold red",
+            )
+        )
+    if verdict.diagnoses is None:
+        parts.append(
+            Text(
+                "No TrainingDoctor data in this run: curves only (attach TrainingDoctor for "
+                "diagnoses).",
+                style="dim",
+            )
+        )
+    else:
+        if verdict.source == "scalars":
+            parts.append(
+                Text(
+                    "Diagnoses from the per-kind scalars only (no doctor record, so no evidence "
+                    "or recommendations; TrainingDoctor(tensorboard=True) writes them).",
+                    style="dim",
+                )
+            )
+        parts.append(full_report(verdict.diagnoses, run.last_step, verdict.actions))
+    return Group(*parts)
+
+
+def curves_table(run: RunLog, width: int = 40) -> Table | None:
+    """One row per key curve the run has: sparkline, first and last value, range, steps."""
+    rows = _key_curves(run)
+    if not rows:
+        return None
+    table = Table(title="key curves", title_justify="left", show_edge=False, pad_edge=False)
+    table.add_column("curve", no_wrap=True)
+    table.add_column("trend", no_wrap=True)
+    table.add_column("first → last", no_wrap=True, justify="right")
+    table.add_column("min … max", no_wrap=True, justify="right")
+    table.add_column("steps", no_wrap=True, justify="right")
+    for label, points in rows:
+        values = [value for _, value in points]
+        line, log_scale = sparkline(values, width)
+        finite = [value for value in values if math.isfinite(value)]
+        span = f"{_fmt(min(finite))} … {_fmt(max(finite))}" if finite else "no finite value"
+        table.add_row(
+            label + (" (log)" if log_scale else ""),
+            line,
+            f"{_fmt(values[0])} → {_fmt(values[-1])}",
+            span,
+            f"{points[0][0]}–{points[-1][0]}",
+        )
+    return table
+
+
+def sparkline(values: Sequence[float], width: int = 40) -> tuple[Text, bool]:
+    """``values`` as one line of block characters, at most ``width`` wide.
+
+    Consecutive values are averaged into ``width`` columns (one column per value when there are
+    fewer); a column with a non-finite value is a red ``x``. A positive series spanning two
+    decades or more is drawn on a log scale. Returns the line and whether the scale is log.
+
+    Raises:
+        ValueError: ``width`` is smaller than 1.
+    """
+    if width < 1:
+        raise ValueError(f"Invalid width: {width} (expected a number >= 1)")
+    columns: list[float] = []
+    count = len(values)
+    buckets = min(width, count)
+    for index in range(buckets):
+        chunk = values[index * count // buckets : (index + 1) * count // buckets]
+        finite = [value for value in chunk if math.isfinite(value)]
+        columns.append(sum(finite) / len(finite) if len(finite) == len(chunk) else math.nan)
+    finite = [value for value in columns if math.isfinite(value)]
+    log_scale = bool(finite) and min(finite) > 0 and max(finite) / min(finite) >= _LOG_SPAN
+    scaled = [math.log(value) if log_scale and math.isfinite(value) else value for value in columns]
+    finite_scaled = [value for value in scaled if math.isfinite(value)]
+    low, high = (min(finite_scaled), max(finite_scaled)) if finite_scaled else (0.0, 0.0)
+    line = Text()
+    for value in scaled:
+        if not math.isfinite(value):
+            line.append("x", style="red")
+            continue
+        fraction = 0.0 if high == low else (value - low) / (high - low)
+        line.append(_LEVELS[round(fraction * (len(_LEVELS) - 1))], style="cyan")
+    return line, log_scale
+
+
+def _key_curves(run: RunLog) -> list[tuple[str, list[tuple[int, float]]]]:
+    rows: list[tuple[str, list[tuple[int, float]]]] = []
+    for label, tags in KEY_CURVES:
+        # The best-resolved of the candidates: the doctor logs losses once per check, a module
+        # may log its own every few steps.
+        present = [tag for tag in tags if run.scalars.get(tag)]
+        if present:
+            rows.append((label, max((run.scalars[tag] for tag in present), key=len)))
+        if label == "validation loss":
+            rows.extend(
+                (f"learning rate ({tag[3:]})", points)
+                for tag, points in run.scalars.items()
+                if tag.startswith("lr-") and points
+            )
+    return rows
+
+
+def _diagnoses_from_scalars(run: RunLog) -> list[Diagnosis] | None:
+    series = {
+        tag[len(_DIAGNOSIS_PREFIX) :]: points
+        for tag, points in run.scalars.items()
+        if tag.startswith(_DIAGNOSIS_PREFIX) and tag[len(_DIAGNOSIS_PREFIX) :] in KINDS
+    }
+    if not series:
+        return None
+    diagnoses: list[Diagnosis] = []
+    for kind, points in series.items():
+        current: Diagnosis | None = None
+        for step, value in points:
+            if value >= 0.5 and current is None:
+                current = Diagnosis(
+                    kind=kind,
+                    step=step,
+                    severity="error" if kind == "nonfinite" else "warning",
+                    confidence=1.0,
+                    evidence={},
+                    message=KINDS[kind],
+                    recommendation="(not recorded in the logs)",
+                )
+                diagnoses.append(current)
+            elif value < 0.5 and current is not None:
+                current.cleared_step = step
+                current = None
+    return sorted(diagnoses, key=lambda diagnosis: diagnosis.step)
+
+
+def _last_value(run: RunLog, tag: str) -> float | None:
+    points = run.scalars.get(tag)
+    return points[-1][1] if points else None
+
+
+def _fmt(value: float) -> str:
+    if not math.isfinite(value):
+        return str(value)
+    return f"{value:.3g}"
