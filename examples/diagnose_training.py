@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import warnings
 from pathlib import Path
 
@@ -76,6 +77,9 @@ def main(argv: list[str] | None = None) -> list[str]:
     parser.add_argument("--json", type=Path, default=None, help="write the diagnoses here")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    # Lightning's INFO lines ("GPU available: False ...") are not results.
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
     seed_everything(args.seed, verbose=False)
     train, val = make_loaders(args.seed)
@@ -100,7 +104,11 @@ def main(argv: list[str] | None = None) -> list[str]:
         check_val_every_n_epoch=None,
     )
     with warnings.catch_warnings():
+        # Synthetic in-memory tensors need no loader workers; Lightning still suggests them.
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        # Lightning 2.6 still uses a torch pytree class that newer torch deprecates (a
+        # FutureWarning from inside Lightning, nothing to act on here).
+        warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\)", FutureWarning)
         trainer.fit(Classifier(init=args.init), train, val)  # prints the doctor's report
     if args.json is not None:
         doctor.to_json(args.json)

@@ -69,7 +69,9 @@ class CurvatureRecord:
         optimizer_family: see :func:`~lightning_optdiag.signals.stability_rule`.
         trace: Hutch++ estimate of ``tr(H)`` when ``trace=True``.
         trace_standard_error: its standard error.
-        noise_scale: the simple gradient noise scale ``B_simple`` (smoothed) when measured.
+        noise_scale: the simple gradient noise scale ``B_simple`` (smoothed) when measured;
+            ``inf`` while the estimate of ``|G|^2`` is not positive (the gradient signal is lost
+            in the noise), which is kept here but not logged.
         noise_to_signal: ``B_simple / batch size``.
         num_hvps: Hessian-vector products spent.
         seconds: wall time of the check.
@@ -130,7 +132,11 @@ class CurvatureMonitor(Callback):
 
     The loss is the module's ``training_step`` on the probe batch with ``self.log`` muted
     (its loss must be returned as a tensor or under ``"loss"``); pass ``loss_fn(module, batch)``
-    to use something else, which is required under manual optimization.
+    to use something else, which is required under manual optimization. ``training_step`` is
+    then called beyond the Trainer's own calls (once per probe batch, and ``noise_chunks`` times
+    for the noise scale at each check): side effects in it other than logging (appending to a
+    list, counters) happen again; read such values in a callback's ``on_train_batch_end``
+    instead, or pass ``loss_fn``.
 
     Curvature is undefined where the probe loss is NaN or infinite (weights gone bad under
     ``NonFiniteGuard(action="warn")``, say): such a check is skipped, counted in
@@ -550,6 +556,10 @@ class CurvatureMonitor(Callback):
             "trace": record.trace,
             "noise_scale": record.noise_scale,
         }
+        if record.noise_scale is not None and not math.isfinite(record.noise_scale):
+            # inf: the unbiased |G|^2 estimate is <= 0, the signal is lost in the noise. A chart
+            # cannot show it; the record and the doctor keep it.
+            del optional["noise_scale"]
         metrics.update(
             {f"{PREFIX}/{key}": value for key, value in optional.items() if value is not None}
         )

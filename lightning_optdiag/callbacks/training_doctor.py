@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -79,6 +80,10 @@ class TrainingDoctor(Callback):
     the end of ``fit``, and one scalar per kind (``optdiag/diagnosis/<kind>``: 1 while active);
     ``doctor.to_json(path)``.
 
+    When ``fit`` stops on an exception (``NonFiniteGuard(action="raise")``, an interrupt) the
+    doctor judges the run at that point, prints its report and records what stopped it, so that
+    ``optdiag report`` can tell a crash from a finished run.
+
     The training losses are read from the output of ``training_step`` (under manual
     optimization, a returned tensor or ``"loss"``, or the logged metric ``train_loss_key``),
     kept on the device and read back once per check: no extra synchronisation per step. Under
@@ -86,8 +91,14 @@ class TrainingDoctor(Callback):
     collective per check, so every process reaches the same diagnoses, and callbacks acting on
     them (:class:`OptimizerSwitch`, :class:`ScheduleAdvisor`) act at the same step everywhere.
 
+    With several optimizers, the gradient norms, the learning rate and the warm-up horizon are
+    those of the first one (index 0). The rules assume a loss that training should drive down:
+    for adversarial set-ups (a GAN's losses hover around an equilibrium by design) the loss-based
+    diagnoses (plateau, model bias) do not apply; attach the monitors without the doctor there.
+
     Args:
-        check_every_n_steps: optimizer steps between evaluations.
+        check_every_n_steps: optimizer steps between evaluations; a new NaN/inf event or
+            gradient explosion triggers one at once.
         window: how many recent steps the trend test looks at.
         thresholds: the rules' thresholds (:class:`~lightning_optdiag.diagnosis.Thresholds`).
         val_loss_key: the logged validation metric (``None``: no validation-based diagnoses).
@@ -180,6 +191,8 @@ class TrainingDoctor(Callback):
         self._evaluated_step = -1
         self._layout_written = False
         self._text_stale = False
+        self._events_seen = 0
+        self._stopped: str | None = None
         self._automatic = True
         self._strategy: Any = None
         self._world_size = 1
@@ -200,6 +213,7 @@ class TrainingDoctor(Callback):
         optimizer = _first_optimizer(trainer)
         self._horizon = warmup_horizon(optimizer) if optimizer is not None else None
         self._automatic = pl_module.automatic_optimization
+        self._has_new_events()  # events restored from a checkpoint are not new
         self._strategy = trainer.strategy
         self._world_size = trainer.world_size
         if self.tensorboard and trainer.is_global_zero and not self._layout_written:
@@ -227,7 +241,9 @@ class TrainingDoctor(Callback):
         if step == self._batch_step:
             return  # no optimizer step yet (gradient accumulation, or a skipped step)
         self._record_step(trainer)
-        if step % self.check_every_n_steps == 0:
+        # Events (NaN/inf, a gradient explosion) are judged at once, not at the next check.
+        new_events = self._has_new_events()
+        if new_events or step % self.check_every_n_steps == 0:
             self.evaluate(trainer, pl_module)
 
     @override
@@ -251,6 +267,25 @@ class TrainingDoctor(Callback):
         if trainer.global_step != self._evaluated_step:
             self.evaluate(trainer, pl_module)
         self._write_text(trainer, trainer.global_step, final=True)
+        if trainer.is_global_zero and self.console:
+            report = full_report(self.diagnoses, trainer.global_step, self.actions)
+            console_for(trainer).print(report)
+        self._unreported = ([], [])
+
+    @override
+    def on_exception(
+        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
+    ) -> None:
+        # A run that dies (NonFiniteGuard(action="raise"), an interrupt) is when the diagnoses
+        # matter most: judge what was seen, and record and report it.
+        self._stopped = f"{type(exception).__name__}: {' '.join(str(exception).split())}".rstrip(
+            ": "
+        )
+        # Evaluating runs a collective under DDP; the other processes may not be here.
+        if self._world_size <= 1 and trainer.global_step != self._evaluated_step:
+            with contextlib.suppress(Exception):  # never mask the exception that stopped fit
+                self.evaluate(trainer, pl_module)
+        self._write_text(trainer, trainer.global_step, force=True)
         if trainer.is_global_zero and self.console:
             report = full_report(self.diagnoses, trainer.global_step, self.actions)
             console_for(trainer).print(report)
@@ -426,6 +461,15 @@ class TrainingDoctor(Callback):
         if optimizer is not None and horizon is not None and len(self._lrs) < horizon:
             self._lrs.append(float(optimizer.param_groups[0]["lr"]))
 
+    def _has_new_events(self) -> bool:
+        """Whether NonFiniteGuard or a gradient explosion added an event since the last call
+        (the same on every process: both come from synchronised gradients and flags)."""
+        guard = self._monitors[1]
+        count = len(self._explosions) + (len(guard.events) if guard is not None else 0)
+        new = count > self._events_seen
+        self._events_seen = count
+        return new
+
     def _across_processes(self, values: Tensor) -> Tensor:
         """The mean over data-parallel processes (one collective), so that every process sees
         the same losses, reaches the same diagnoses and takes the same decisions (a switch, a
@@ -477,16 +521,21 @@ class TrainingDoctor(Callback):
         if self._text_stale:
             self._write_text(trainer, step)
 
-    def _write_text(self, trainer: Trainer, step: int, final: bool = False) -> None:
+    def _write_text(
+        self, trainer: Trainer, step: int, final: bool = False, force: bool = False
+    ) -> None:
         """The Markdown table for people and the record for ``optdiag report``; at the end of
-        fit always (so that even a healthy run says so), otherwise when something changed."""
+        fit (so that even a healthy run says so) or when it stops on an exception, otherwise when
+        something changed."""
         if not (self.tensorboard and trainer.is_global_zero):
             return
-        if not (self._text_stale or final):
+        if not (self._text_stale or final or force):
             return
         self._text_stale = False
         text = diagnoses_markdown(self.diagnoses, self.actions)
-        record = encode_record(self.diagnoses, self.actions, step, final=final)
+        record = encode_record(
+            self.diagnoses, self.actions, step, final=final, stopped=self._stopped
+        )
         for logger in _tensorboard_loggers(trainer):
             logger.experiment.add_text(f"{PREFIX}/diagnoses", text, step)
             logger.experiment.add_text(RECORD_TAG, record, step)

@@ -161,7 +161,12 @@ class _State:
         small = loss_now is not None and _loss_is_small(loss_now, obs.initial_loss, th)
         trend = trend_test(finite) if len(finite) >= MIN_TREND_VALUES and not small else None
         needed = th.plateau_min_decrease * (2.0 if "plateau" in obs.active else 1.0)
-        plateau = trend is not None and not trend.is_improving(th.plateau_alpha, needed)
+        plateau = (
+            trend is not None
+            and not trend.is_improving(th.plateau_alpha, needed)
+            # A steep fitted decrease that noise keeps from significance is noisy progress.
+            and -trend.relative_change < th.plateau_max_decrease
+        )
         grad_now = _recent_gradient(obs)
         peak = obs.peak_grad_norm
         fraction = None

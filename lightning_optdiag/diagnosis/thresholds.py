@@ -19,6 +19,10 @@ class Thresholds:
         plateau_min_decrease: ... and only if the fitted decrease over the window is at least
             this fraction of the loss level (1%): on noise-free curves any tiny slope is
             "significant", so an effect size is needed too.
+        plateau_max_decrease: a fitted decrease over the window of at least this fraction of the
+            loss level (10%) counts as progress even when the trend test cannot confirm it: with
+            noisy mini-batch losses a steep but noisy descent can miss significance, and that is
+            progress, not a plateau.
         slow_progress: a relative decrease over the window below this (5%) counts as slow
             progress for ``lr_too_small``.
         saddle_tau: a saddle needs ``lambda_min < -saddle_tau * lambda_max``; neural-net
@@ -64,6 +68,7 @@ class Thresholds:
 
     plateau_alpha: float = 0.05
     plateau_min_decrease: float = 0.01
+    plateau_max_decrease: float = 0.1
     slow_progress: float = 0.05
     saddle_tau: float = 0.02
     stationary_grad_ratio: float = 0.01
@@ -100,6 +105,7 @@ class Thresholds:
             else:
                 check_float(item.name, value, minimum=0.0, exclusive_minimum=True)
         for low, high in (
+            ("plateau_min_decrease", "plateau_max_decrease"),
             ("stationary_grad_ratio", "large_grad_ratio"),
             ("lr_low_ratio", "lr_high_ratio"),
         ):

@@ -35,12 +35,14 @@ class DoctorRecord:
         diagnoses: every diagnosis so far, active and cleared.
         actions: what was done about the run (optimizer switches, schedules installed), each a
             dict with ``kind``, ``step``, ``message`` and ``details``.
+        stopped: the exception that ended ``fit``, as ``"Type: message"`` (``None``: none).
     """
 
     step: int
     final: bool = False
     diagnoses: list[Diagnosis] = field(default_factory=list)
     actions: list[dict[str, Any]] = field(default_factory=list)
+    stopped: str | None = None
 
 
 def encode_record(
@@ -48,12 +50,14 @@ def encode_record(
     actions: Sequence[Mapping[str, Any]],
     step: int,
     final: bool = False,
+    stopped: str | None = None,
 ) -> str:
     """The record as the text written under :data:`RECORD_TAG`."""
     payload = {
         "format": FORMAT,
         "step": step,
         "final": final,
+        "stopped": stopped,
         "diagnoses": [diagnosis.to_dict() for diagnosis in diagnoses],
         "actions": [dict(action) for action in actions],
     }
@@ -89,4 +93,5 @@ def decode_record(text: str) -> DoctorRecord:
         final=bool(payload.get("final", False)),
         diagnoses=diagnoses,
         actions=[dict(action) for action in payload.get("actions", [])],
+        stopped=None if payload.get("stopped") is None else str(payload["stopped"]),
     )

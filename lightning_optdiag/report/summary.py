@@ -99,11 +99,18 @@ def run_report(run: RunLog, width: int = 40) -> RenderableType:
     heading.append(str(run.path), style="bold")
     heading.append(f"  ·  up to step {run.last_step}  ·  {files} event file{'s' * (files != 1)}")
     parts.append(heading)
-    if run.record is not None and not run.record.final:
+    if run.record is not None and run.record.stopped:
+        parts.append(
+            Text(
+                f"The run stopped at step {run.record.step}: {run.record.stopped}",
+                style="bold red",
+            )
+        )
+    elif run.record is not None and not run.record.final:
         parts.append(
             Text(
                 f"The run did not reach the end of fit (the doctor's last record is from step "
-                f"{run.record.step}): it stopped early, crashed, or is still training.",
+                f"{run.record.step}): it was killed, or is still training.",
                 style="yellow",
             )
         )

@@ -20,6 +20,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -1460,3 +1461,38 @@ def test_checks_at_a_non_finite_loss_are_skipped_with_one_warning() -> None:
     assert all(math.isfinite(record.lambda_max) for record in monitor.history)
     assert monitor.skipped_checks == 3  # steps 4, 5, 6
     assert sum("CurvatureMonitor" in str(w.message) for w in caught) == 1
+
+
+class _MetricsSink:
+    def __init__(self) -> None:
+        self.logged: list[tuple[dict[str, float], int]] = []
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.logged.append((dict(metrics), step))
+
+
+@pytest.mark.parametrize(("noise_scale", "logged"), [(math.inf, False), (123.0, True)])
+def test_an_infinite_noise_scale_is_recorded_but_not_logged(
+    noise_scale: float, logged: bool
+) -> None:
+    record = CurvatureRecord(
+        step=7,
+        lambda_max=2.0,
+        lambda_min=-0.1,
+        top_k=[2.0],
+        bottom_k=[-0.1],
+        residual_max=0.0,
+        residual_min=0.0,
+        converged=True,
+        loss=1.0,
+        grad_norm=0.5,
+        noise_scale=noise_scale,
+    )
+    sink = _MetricsSink()
+    trainer = SimpleNamespace(is_global_zero=True, loggers=[sink])
+    CurvatureMonitor()._log(trainer, record)  # type: ignore[arg-type]
+    ((metrics, step),) = sink.logged
+    assert step == 7
+    assert metrics["optdiag/hessian/lambda_max"] == 2.0
+    assert ("optdiag/hessian/noise_scale" in metrics) is logged
+    assert all(math.isfinite(value) for value in metrics.values())

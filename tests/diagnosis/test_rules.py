@@ -497,6 +497,33 @@ def test_plateau_evidence() -> None:
     assert plateau.evidence["mean_loss"] == pytest.approx(LEVEL, rel=0.01)
 
 
+def steep_noisy_losses() -> list[float]:
+    """A 30% fall over the window under heavy (40%) per-batch noise, with a seed where the
+    Mann-Kendall test on 10 block medians misses significance."""
+    for seed in range(100):
+        losses = noisy_losses(1.0, 0.7, rel_noise=0.4, seed=seed)
+        trend = trend_test(losses)
+        if trend.p_decreasing > 0.05 and -trend.relative_change > 0.2:
+            return losses
+    raise AssertionError("no such seed")  # pragma: no cover
+
+
+def test_a_steep_but_noisy_descent_is_progress_not_a_plateau() -> None:
+    losses = steep_noisy_losses()
+    # The significance rule alone calls it a plateau; the fitted 20%+ fall says otherwise.
+    assert not trend_test(losses).is_improving(0.05, 0.01)
+    assert kinds_of(run(losses=losses, initial_loss=LOW_INITIAL)) == set()
+    lenient = Thresholds(plateau_max_decrease=0.5)
+    assert "plateau" in kinds_of(run(losses=losses, initial_loss=LOW_INITIAL), lenient)
+
+
+def test_a_flat_noisy_loss_is_still_a_plateau() -> None:
+    for seed in range(5):
+        losses = noisy_losses(LEVEL, LEVEL, rel_noise=0.1, seed=seed)
+        assert -trend_test(losses).relative_change < 0.1
+        assert "plateau" in kinds_of(run(losses=losses, initial_loss=LOW_INITIAL))
+
+
 def test_model_bias_evidence_on_plain_plateau() -> None:
     found = check_findings(diagnose(run(initial_loss=HIGH_INITIAL)))
     bias = found["model_bias"]

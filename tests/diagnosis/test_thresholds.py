@@ -15,6 +15,7 @@ from lightning_optdiag.diagnosis import Thresholds
 DEFAULTS = {
     "plateau_alpha": 0.05,
     "plateau_min_decrease": 0.01,
+    "plateau_max_decrease": 0.1,
     "slow_progress": 0.05,
     "saddle_tau": 0.02,
     "stationary_grad_ratio": 0.01,
@@ -88,6 +89,10 @@ def test_valid_values_are_accepted(name: str, value: Any) -> None:
         kwargs["large_grad_ratio"] = 1.0
     if name == "large_grad_ratio" and value <= Thresholds().stationary_grad_ratio:
         kwargs["stationary_grad_ratio"] = value / 2
+    if name == "plateau_min_decrease" and value >= Thresholds().plateau_max_decrease:
+        kwargs["plateau_max_decrease"] = 2 * value
+    if name == "plateau_max_decrease" and value <= Thresholds().plateau_min_decrease:
+        kwargs["plateau_min_decrease"] = value / 2
     if name == "lr_low_ratio" and value >= Thresholds().lr_high_ratio:
         kwargs["lr_high_ratio"] = 2 * value
     if name == "lr_high_ratio" and value <= Thresholds().lr_low_ratio:
@@ -97,7 +102,11 @@ def test_valid_values_are_accepted(name: str, value: Any) -> None:
 
 @pytest.mark.parametrize(
     ("low", "high"),
-    [("stationary_grad_ratio", "large_grad_ratio"), ("lr_low_ratio", "lr_high_ratio")],
+    [
+        ("plateau_min_decrease", "plateau_max_decrease"),
+        ("stationary_grad_ratio", "large_grad_ratio"),
+        ("lr_low_ratio", "lr_high_ratio"),
+    ],
 )
 def test_ordered_pairs_must_stay_ordered(low: str, high: str) -> None:
     with pytest.raises(ValueError, match=rf"^Invalid {low}: 0.5 \(expected less than {high}=0.5"):
