@@ -7,6 +7,7 @@ answers at once.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -65,7 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``optdiag`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
-    return int(args.handler(args))
+    try:
+        return int(args.handler(args))
+    except BrokenPipeError:
+        # The reader went away (`optdiag report --json | head`): not an error worth a traceback.
+        # Point stdout at devnull so that the interpreter's final flush does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # what a shell reports for a process ended by SIGPIPE
 
 
 def _positive_int(text: str) -> int:
@@ -245,10 +253,18 @@ def _report(args: argparse.Namespace) -> int:
     from lightning_optdiag.report.summary import run_verdict
 
     try:
-        runs = read_logdir(args.logdir)
+        everything = read_logdir(args.logdir, include_empty=True)
     except LogdirError as error:
         print(f"optdiag report: error: {error}", file=sys.stderr)
         return 2
+    runs = [run for run in everything if run.has_optdiag_data]
+    if len(runs) < len(everything) and not args.json:
+        skipped = [str(run.path) for run in everything if not run.has_optdiag_data]
+        print(
+            f"optdiag report: skipped {len(skipped)} run{'s' * (len(skipped) != 1)} without "
+            f"optdiag data: {', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''}",
+            file=sys.stderr,
+        )
     if args.latest:
         runs = [max(runs, key=lambda run: max(path.stat().st_mtime for path in run.files))]
     verdicts = [run_verdict(run) for run in runs]
@@ -266,13 +282,10 @@ def _print_report(runs: list[Any], verdicts: list[Any], width: int | None) -> No
     from lightning_optdiag.report.summary import run_report
 
     console = Console()
-    if width is None:
-        # The other columns of the curves table take up to about 64 characters.
-        width = max(8, min(40, console.width - 66))
     for run in runs:
         if len(runs) > 1:
             console.print(Rule(style="dim"))
-        console.print(run_report(run, width))
+        console.print(run_report(run, width, max_width=console.width))
     if len(runs) > 1:
         unhealthy = sum(not verdict.healthy for verdict in verdicts)
         style = "green" if not unhealthy else "yellow"

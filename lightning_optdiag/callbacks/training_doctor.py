@@ -51,6 +51,7 @@ EARLY_MEDIAN_STEPS = 5  # rolling median of early losses, for the warm-up rule
 EARLY_MEDIAN_MIN = 3  # values the rolling median needs (the median of one is no filter)
 STICKY = frozenset({"needs_warmup"})  # advice about the start of the run stays valid
 # Diagnoses of discrete events, reported at the first evaluation that sees them.
+COUNTED_EVENTS = frozenset({"nonfinite", "exploding_gradients"})  # evidence kept current
 EVENTS = frozenset({"nonfinite", "exploding_gradients", "vanishing_gradients", "needs_warmup"})
 
 
@@ -412,6 +413,14 @@ class TrainingDoctor(Callback):
                 appeared.append(diagnosis)
                 self._text_stale = True
                 self._streaks[kind] = 0
+        for kind in COUNTED_EVENTS & set(found) & set(self._active):
+            # A burst of NaNs or spikes is one diagnosis: keep its count and latest step current.
+            finding, diagnosis = found[kind], self._active[kind]
+            if finding.message != diagnosis.message:
+                diagnosis.message = finding.message
+                diagnosis.evidence = dict(finding.evidence)
+                diagnosis.confidence = finding.confidence
+                self._text_stale = True
         for kind in list(self._active):
             if kind in found or kind in STICKY:
                 continue

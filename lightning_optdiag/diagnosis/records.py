@@ -67,7 +67,8 @@ class Diagnosis:
         step: the optimizer step at which it appeared.
         severity: one of :data:`SEVERITIES`.
         confidence: see :class:`Finding`.
-        evidence: the numbers when it appeared.
+        evidence: the numbers when it appeared (for counted events, non-finite values and
+            gradient explosions, kept current while active: how many, the latest step).
         message: one sentence with the key numbers.
         recommendation: what to do.
         epoch: the epoch at which it appeared.
@@ -91,6 +92,13 @@ class Diagnosis:
     def active(self) -> bool:
         """Whether the condition still holds."""
         return self.cleared_step is None
+
+    @property
+    def span(self) -> str:
+        """The steps it covers, for people: ``"since step 10"`` or ``"steps 10–20"``."""
+        if self.cleared_step is None:
+            return f"since step {self.step}"
+        return f"steps {self.step}–{self.cleared_step}"
 
     @classmethod
     def from_finding(cls, finding: Finding, step: int, epoch: int = 0) -> Diagnosis:

@@ -27,9 +27,7 @@ def diagnosis_table(diagnoses: Sequence[Diagnosis], title: str | None = None) ->
     table.add_column("evidence", ratio=3)
     table.add_column("recommendation", ratio=3)
     for diagnosis in diagnoses:
-        steps = f"{diagnosis.step}-" + (
-            "" if diagnosis.cleared_step is None else str(diagnosis.cleared_step)
-        )
+        steps = diagnosis.span
         table.add_row(
             Text(diagnosis.kind, style="bold"),
             steps,
@@ -78,9 +76,7 @@ def full_report(
         heading = Text()
         heading.append("● " if diagnosis.active else "○ ", style=_STYLES[diagnosis.severity])
         heading.append(diagnosis.kind, style="bold")
-        steps = f"steps {diagnosis.step}-" + (
-            "" if diagnosis.cleared_step is None else str(diagnosis.cleared_step)
-        )
+        steps = diagnosis.span
         heading.append(f"  {steps}  ")
         heading.append(diagnosis.severity, style=_STYLES[diagnosis.severity])
         heading.append(f"  confidence {diagnosis.confidence:.2f}")

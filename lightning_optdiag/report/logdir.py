@@ -23,7 +23,7 @@ __all__ = ["PREFIX", "LogdirError", "RunLog", "read_logdir", "read_run"]
 
 PREFIX = "optdiag/"
 EVENT_FILE_MARKER = "tfevents"
-_HEADER = struct.Struct("<Q")  # the record length; then its checksum (4 bytes)
+_HEADER = struct.Struct("<QI")  # the record length and its masked CRC-32C
 _FRAMING_BYTES = 8 + 4 + 4  # length, length checksum, data checksum
 # torch's SummaryWriter.add_text appends "/text_summary" to the tag.
 _RECORD_TAGS = frozenset({RECORD_TAG, f"{RECORD_TAG}/text_summary"})
@@ -67,11 +67,13 @@ class RunLog:
         return max(steps, default=0)
 
 
-def read_logdir(logdir: str | os.PathLike[str]) -> list[RunLog]:
+def read_logdir(logdir: str | os.PathLike[str], include_empty: bool = False) -> list[RunLog]:
     """Every run under ``logdir`` with optdiag data, sorted by path.
 
     ``logdir`` may be a run directory itself, a parent of several runs (Lightning's
-    ``lightning_logs/version_N``), or a single event file.
+    ``lightning_logs/version_N``), or a single event file. With ``include_empty``, runs without
+    optdiag data are returned too (the error for a directory with no optdiag data at all still
+    applies).
 
     Raises:
         LogdirError: ``logdir`` does not exist, holds no event files or no optdiag data, or an
@@ -94,15 +96,15 @@ def read_logdir(logdir: str | os.PathLike[str]) -> list[RunLog]:
                 groups.setdefault(path.parent, []).append(path)
     if not groups:
         raise LogdirError(f"{logdir}: no TensorBoard event files found (events.out.tfevents.*)")
-    runs = [read_run(directory, files) for directory, files in sorted(groups.items())]
-    runs = [run for run in runs if run.has_optdiag_data]
+    everything = [read_run(directory, files) for directory, files in sorted(groups.items())]
+    runs = [run for run in everything if run.has_optdiag_data]
     if not runs:
         count = sum(len(files) for files in groups.values())
         raise LogdirError(
             f"{logdir}: no optdiag data in {count} event file{'s' if count != 1 else ''} "
             "(attach optdiag's callbacks to the Trainer, with a TensorBoardLogger)"
         )
-    return runs
+    return everything if include_empty else runs
 
 
 def read_run(directory: str | os.PathLike[str], files: list[Path] | None = None) -> RunLog:
@@ -161,8 +163,12 @@ def _framing_problem(path: Path, records_read: int) -> tuple[bool, str] | None:
     """Compare the loader's record count with the file's framing.
 
     Returns ``None`` for an intact file, ``(False, message)`` when only the last record is
-    incomplete (a run still writing), ``(True, message)`` when the file is corrupt.
+    incomplete (a run still writing), ``(True, message)`` when the file is corrupt. Each
+    record's length is checked against its own checksum, so a damaged length is told from a
+    record that is still being written; the data checksums are the loader's.
     """
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
     size = path.stat().st_size
     frames = 0
     offset = 0
@@ -174,15 +180,18 @@ def _framing_problem(path: Path, records_read: int) -> tuple[bool, str] | None:
             if len(header) < _HEADER.size:
                 complete = False
                 break
-            (length,) = _HEADER.unpack(header)
+            length, checksum = _HEADER.unpack(header)
+            if masked_crc32c(header[:8]) != checksum:
+                return True, (
+                    f"corrupt event file: the length of record {frames + 1} fails its checksum "
+                    f"(byte {offset}); {records_read} records before it were read"
+                )
             end = offset + _FRAMING_BYTES + length
             if end > size:
                 complete = False
                 break
             frames += 1
             offset = end
-    if records_read == 0 and size > 0:
-        return True, "corrupt event file: not one readable record"
     if records_read < frames:
         return True, (
             f"corrupt event file: record {records_read + 1} of {frames} fails its checksum; "

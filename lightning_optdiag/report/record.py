@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lightning_optdiag.diagnosis.records import Diagnosis
+from lightning_optdiag.diagnosis.records import Diagnosis, _json_value
 
 __all__ = ["RECORD_TAG", "DoctorRecord", "decode_record", "encode_record"]
 
@@ -59,7 +59,8 @@ def encode_record(
         "final": final,
         "stopped": stopped,
         "diagnoses": [diagnosis.to_dict() for diagnosis in diagnoses],
-        "actions": [dict(action) for action in actions],
+        # Non-finite numbers become null, as in the diagnoses' evidence: strict JSON.
+        "actions": [_json_value(dict(action)) for action in actions],
     }
     return _FENCE_OPEN + json.dumps(payload, allow_nan=False, default=str) + _FENCE_CLOSE
 
@@ -84,14 +85,23 @@ def decode_record(text: str) -> DoctorRecord:
         raise ValueError(
             f"unsupported doctor record format {version!r} (this version reads format {FORMAT})"
         )
+    step = payload["step"]
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise ValueError(f"not a doctor record: 'step' must be a whole number, got {step!r}")
+    items, actions = payload["diagnoses"], payload.get("actions", [])
+    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+        raise ValueError("not a doctor record: 'diagnoses' must be a list of objects")
+    if not isinstance(actions, list) or not all(isinstance(action, dict) for action in actions):
+        raise ValueError("not a doctor record: 'actions' must be a list of objects")
     try:
-        diagnoses = [Diagnosis.from_dict(item) for item in payload["diagnoses"]]
+        diagnoses = [Diagnosis.from_dict(item) for item in items]
     except (TypeError, ValueError) as error:
         raise ValueError(f"not a doctor record: bad diagnosis ({error})") from None
+    stopped = payload.get("stopped")
     return DoctorRecord(
-        step=int(payload["step"]),
+        step=step,
         final=bool(payload.get("final", False)),
         diagnoses=diagnoses,
-        actions=[dict(action) for action in payload.get("actions", [])],
-        stopped=None if payload.get("stopped") is None else str(payload["stopped"]),
+        actions=[dict(action) for action in actions],
+        stopped=None if stopped is None else str(stopped),
     )

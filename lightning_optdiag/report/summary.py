@@ -45,6 +45,8 @@ _LOG_SPAN = 100.0  # a positive curve spanning this ratio or more is drawn on a 
 _NONFINITE_TAG = "optdiag/nonfinite/events"
 _SKIPPED_TAG = "optdiag/nonfinite/skipped_steps"
 _DIAGNOSIS_PREFIX = "optdiag/diagnosis/"
+_WATCHED_CURVES = frozenset({"training loss", "validation loss", "gradient norm"})
+_COLUMN_GAP = 3  # " │ " between the columns of the curves table
 
 
 @dataclass
@@ -58,6 +60,8 @@ class RunVerdict:
         nonfinite_events: NonFiniteGuard's event count (0 when it was not attached).
         skipped_steps: steps NonFiniteGuard skipped.
         actions: optimizer switches and schedules installed, from the doctor's record.
+        nonfinite_curves: key curves (losses, gradient norm) with NaN/inf values, so that a run
+            without NonFiniteGuard or TrainingDoctor that diverged is not called healthy.
     """
 
     diagnoses: list[Diagnosis] | None
@@ -65,11 +69,12 @@ class RunVerdict:
     nonfinite_events: int = 0
     skipped_steps: int = 0
     actions: list[dict[str, Any]] = field(default_factory=list)
+    nonfinite_curves: list[str] = field(default_factory=list)
 
     @property
     def healthy(self) -> bool:
-        """No diagnosis and no non-finite event."""
-        return not self.diagnoses and self.nonfinite_events == 0
+        """No diagnosis (active or cleared), no non-finite event, no non-finite key curve."""
+        return not self.diagnoses and self.nonfinite_events == 0 and not self.nonfinite_curves
 
     @property
     def exit_code(self) -> int:
@@ -81,17 +86,26 @@ def run_verdict(run: RunLog) -> RunVerdict:
     """The diagnoses, actions and non-finite counts of ``run``."""
     events = int(_last_value(run, _NONFINITE_TAG) or 0)
     skipped = int(_last_value(run, _SKIPPED_TAG) or 0)
+    bad_curves = [
+        label
+        for label, points in _key_curves(run)
+        if label in _WATCHED_CURVES and not all(math.isfinite(value) for _, value in points)
+    ]
     if run.record is not None:
         diagnoses = list(run.record.diagnoses)
-        return RunVerdict(diagnoses, "record", events, skipped, list(run.record.actions))
+        actions = list(run.record.actions)
+        return RunVerdict(diagnoses, "record", events, skipped, actions, bad_curves)
     from_scalars = _diagnoses_from_scalars(run)
     if from_scalars is not None:
-        return RunVerdict(from_scalars, "scalars", events, skipped)
-    return RunVerdict(None, "none", events, skipped)
+        return RunVerdict(from_scalars, "scalars", events, skipped, [], bad_curves)
+    return RunVerdict(None, "none", events, skipped, [], bad_curves)
 
 
-def run_report(run: RunLog, width: int = 40) -> RenderableType:
-    """The report of one run: a heading, warnings, the key curves and the diagnoses."""
+def run_report(run: RunLog, width: int | None = None, max_width: int = 80) -> RenderableType:
+    """The report of one run: a heading, warnings, the key curves and the diagnoses.
+
+    ``width`` is the sparklines' width (``None``: as wide as ``max_width``, the console width,
+    allows, at most 40)."""
     verdict = run_verdict(run)
     parts: list[RenderableType] = []
     files = len(run.files)
@@ -115,9 +129,17 @@ def run_report(run: RunLog, width: int = 40) -> RenderableType:
             )
         )
     parts.extend(Text(f"warning: {message}", style="yellow") for message in run.warnings)
-    curves = curves_table(run, width)
+    curves = curves_table(run, width, max_width)
     if curves is not None:
         parts.append(curves)
+    if verdict.nonfinite_curves:
+        parts.append(
+            Text(
+                f"Non-finite values in the logged {', '.join(verdict.nonfinite_curves)}: the run "
+                "diverged (attach NonFiniteGuard to catch it as it happens).",
+                style="bold red",
+            )
+        )
     if verdict.nonfinite_events:
         parts.append(
             Text(
@@ -148,29 +170,37 @@ def run_report(run: RunLog, width: int = 40) -> RenderableType:
     return Group(*parts)
 
 
-def curves_table(run: RunLog, width: int = 40) -> Table | None:
-    """One row per key curve the run has: sparkline, first and last value, range, steps."""
-    rows = _key_curves(run)
-    if not rows:
+def curves_table(run: RunLog, width: int | None = None, max_width: int = 80) -> Table | None:
+    """One row per key curve the run has: sparkline, first and last value, range, steps.
+
+    The sparklines are ``width`` wide; ``None`` makes them as wide as fits in ``max_width``
+    columns next to the other cells (at most 40, at least 8)."""
+    curves = _key_curves(run)
+    if not curves:
         return None
-    table = Table(title="key curves", title_justify="left", show_edge=False, pad_edge=False)
-    table.add_column("curve", no_wrap=True)
-    table.add_column("trend", no_wrap=True)
-    table.add_column("first → last", no_wrap=True, justify="right")
-    table.add_column("min … max", no_wrap=True, justify="right")
-    table.add_column("steps", no_wrap=True, justify="right")
-    for label, points in rows:
+    headers = ("curve", "trend", "first → last", "min … max", "steps")
+    rows: list[tuple[str, list[float], str, str, str]] = []
+    for label, points in curves:
         values = [value for _, value in points]
-        line, log_scale = sparkline(values, width)
         finite = [value for value in values if math.isfinite(value)]
         span = f"{_fmt(min(finite))} … {_fmt(max(finite))}" if finite else "no finite value"
-        table.add_row(
-            label + (" (log)" if log_scale else ""),
-            line,
-            f"{_fmt(values[0])} → {_fmt(values[-1])}",
-            span,
-            f"{points[0][0]}–{points[-1][0]}",
-        )
+        ends = f"{_fmt(values[0])} → {_fmt(values[-1])}"
+        rows.append((label, values, ends, span, f"{points[0][0]}–{points[-1][0]}"))
+    if width is None:
+        # The log-scale suffix, as the widest sparklines would have it, counts in the label.
+        labels = [row[0] + (" (log)" if sparkline(row[1], 40)[1] else "") for row in rows]
+        others = [max(len(text) for text in (headers[0], *labels))]
+        others += [
+            max(len(text) for text in (headers[i], *(row[i] for row in rows))) for i in (2, 3, 4)
+        ]
+        width = max(8, min(40, max_width - sum(others) - _COLUMN_GAP * (len(headers) - 1)))
+    table = Table(title="key curves", title_justify="left", show_edge=False, pad_edge=False)
+    for header in headers:
+        justify = "left" if header in ("curve", "trend") else "right"
+        table.add_column(header, no_wrap=True, justify=justify)  # type: ignore[arg-type]
+    for label, values, ends, span, steps in rows:
+        line, log_scale = sparkline(values, width)
+        table.add_row(label + (" (log)" if log_scale else ""), line, ends, span, steps)
     return table
 
 

@@ -63,7 +63,7 @@ def diagnoses_markdown(
         "|---|---|---|---|---|---|",
     ]
     for d in diagnoses:
-        steps = f"{d.step}-" + ("" if d.cleared_step is None else str(d.cleared_step))
+        steps = d.span
         cells = [d.kind, steps, d.severity, f"{d.confidence:.2f}", d.message, d.recommendation]
         rows.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     return "\n".join(rows) + taken

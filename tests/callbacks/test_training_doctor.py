@@ -580,6 +580,23 @@ def test_nonfinite(nan_steps: tuple[int, ...], expected: set[str]) -> None:
         assert diagnosis.active  # within event_window (200) of step 15
 
 
+@pytest.mark.filterwarnings("ignore:NonFiniteGuard. non-finite loss at step")
+def test_a_burst_of_nans_is_one_diagnosis_with_current_evidence() -> None:
+    x, y = standardised_regression(0, 512, noise=0.1)
+    torch.manual_seed(0)
+    module = Regression(
+        nn.Linear(8, 1), lambda p: torch.optim.SGD(p, lr=0.02), nan_steps=(15, 16, 17)
+    )
+    doctor = TrainingDoctor(check_every_n_steps=10, window=50, console=False)
+    callbacks = [GradientMonitor(), NonFiniteGuard(action="skip"), doctor]
+    fit(module, make_loader(x, y, batch_size=32), callbacks, 30)
+    nonfinite = one(doctor, "nonfinite")
+    assert nonfinite.step == 16  # appeared right after the first bad step ...
+    assert nonfinite.evidence["steps"] == [15, 16, 17]  # ... and kept count of the burst
+    assert nonfinite.evidence["count"] == 3
+    assert "at 3 step(s), first 15, latest 17" in nonfinite.message
+
+
 def test_a_run_stopped_by_the_guard_is_diagnosed_recorded_and_reported(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -806,12 +823,12 @@ def test_tensorboard_layout_text_and_per_kind_scalars(
     (tag,) = [t for t in events.PluginTagToContent("text") if t.startswith("optdiag/diagnoses")]
     texts = {e.step: e.tensor_proto.string_val[0].decode() for e in events.Tensors(tag)}
     assert {2, 3, 4} <= set(texts)
-    assert "| plateau | 2- |" in texts[2]
+    assert "| plateau | since step 2 |" in texts[2]
     assert "nonfinite" not in texts[2]
-    assert "| plateau | 2- |" in texts[3]
-    assert "| nonfinite | 3- |" in texts[3]
-    assert "| plateau | 2-4 |" in texts[4]
-    assert "| nonfinite | 3-4 |" in texts[4]
+    assert "| plateau | since step 2 |" in texts[3]
+    assert "| nonfinite | since step 3 |" in texts[3]
+    assert "| plateau | steps 2–4 |" in texts[4]
+    assert "| nonfinite | steps 3–4 |" in texts[4]
     assert texts[max(texts)] == texts[4]
 
 
@@ -888,7 +905,7 @@ def test_console_prints_the_final_report_as_plain_text(
     assert out.count("optdiag report") == 1
     for text in ("plateau", "plateau seen", "fix plateau"):
         assert text in out
-    assert "steps 3-4" in out
+    assert "steps 3–4" in out
 
 
 @pytest.mark.usefixtures("plain_terminal")

@@ -226,3 +226,11 @@ def test_to_dict_cleans_nested_dict_evidence() -> None:
     record = diagnosis.to_dict()
     json.dumps(record, allow_nan=False)
     assert record["evidence"]["per_layer"] == {"fc1": None, "fc2": 1.0}
+
+
+def test_span_says_since_when_active_and_from_to_when_cleared() -> None:
+    finding = Finding("plateau", "info", 0.5, {}, "m", "r")
+    diagnosis = Diagnosis.from_finding(finding, step=10)
+    assert diagnosis.span == "since step 10"
+    diagnosis.cleared_step = 20
+    assert diagnosis.span == "steps 10–20"
