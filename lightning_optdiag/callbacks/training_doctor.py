@@ -283,7 +283,8 @@ class TrainingDoctor(Callback):
             ": "
         )
         # Evaluating runs a collective under DDP; the other processes may not be here.
-        if self._world_size <= 1 and trainer.global_step != self._evaluated_step:
+        new_events = self._has_new_events()  # e.g. the NaN that made the guard raise
+        if self._world_size <= 1 and (new_events or trainer.global_step != self._evaluated_step):
             with contextlib.suppress(Exception):  # never mask the exception that stopped fit
                 self.evaluate(trainer, pl_module)
         self._write_text(trainer, trainer.global_step, force=True)

@@ -317,13 +317,15 @@ def test_saddle_eigenvalues_are_plus_and_minus_twice_the_cross_covariance(
 def test_nan_evidence_lists_the_guards_events(tmp_path: Path) -> None:
     result = run_demo("nan", logdir=tmp_path)
     diagnosis = one(result.doctor, "nonfinite")
-    # The evidence is what the check at diagnosis.step saw: the events of the steps before it.
-    expected = [e.step for e in result.guard.events if e.step < diagnosis.step]
-    assert diagnosis.step - Thresholds().event_window < expected[0]
+    # Reported right after the first event, its evidence then kept current to the last
+    # evaluation (the one on the way out, when the guard stopped the run): every event.
+    steps = [e.step for e in result.guard.events]
+    assert diagnosis.step == steps[0] + 1
+    assert steps[-1] - Thresholds().event_window < steps[0]  # all inside the event window
     assert diagnosis.severity == "error"
-    assert diagnosis.evidence["steps"] == expected
-    assert diagnosis.evidence["count"] == len(expected)
-    assert str(expected[-1]) in diagnosis.message
+    assert diagnosis.evidence["steps"] == steps
+    assert diagnosis.evidence["count"] == len(steps)
+    assert f"first {steps[0]}, latest {steps[-1]}" in diagnosis.message
 
 
 def test_exploding_evidence_matches_the_gradient_monitors_spike(tmp_path: Path) -> None:
@@ -333,10 +335,13 @@ def test_exploding_evidence_matches_the_gradient_monitors_spike(tmp_path: Path) 
     assert sorted(spikes) == [60, 120, 180]  # the outlier batches, and only those
     first = spikes[60]
     assert diagnosis.step == 61  # at once: right after the spike's optimizer step
-    assert diagnosis.evidence["steps"] == [60]
+    # One episode (the default event window, 200 steps, spans all three), its evidence kept
+    # current: every spike, and the largest ratio among them.
+    assert diagnosis.evidence["steps"] == [60, 120, 180]
     assert diagnosis.evidence["max_ratio_to_median"] == pytest.approx(
-        first.value / first.reference, rel=1e-6
+        max(e.value / e.reference for e in spikes.values()), rel=1e-6
     )
+    assert first.value / first.reference <= diagnosis.evidence["max_ratio_to_median"]
 
 
 def test_plateau_is_a_minimum_of_the_probe_with_the_best_linear_fits_loss(tmp_path: Path) -> None:
