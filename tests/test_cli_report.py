@@ -7,13 +7,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import struct
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,7 @@ from lightning_optdiag.diagnosis import KINDS, Diagnosis
 from lightning_optdiag.report.logdir import read_logdir
 from lightning_optdiag.report.record import RECORD_TAG, encode_record
 from lightning_optdiag.report.summary import run_verdict
+from tests.report.test_logdir import event_file as event_file_at
 
 ERROR_PREFIX = "optdiag report: error: "
 
@@ -38,17 +37,10 @@ def plain_wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
-@contextmanager
-def event_file(run_dir: Path, name: str = "events.out.tfevents.1") -> Iterator[SummaryWriter]:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as scratch:
-        writer = SummaryWriter(scratch)
-        try:
-            yield writer
-        finally:
-            writer.close()
-        (written,) = Path(scratch).glob("*tfevents*")
-        shutil.move(str(written), run_dir / name)
+def event_file(
+    run_dir: Path, name: str = "events.out.tfevents.1"
+) -> AbstractContextManager[SummaryWriter]:
+    return event_file_at(run_dir / name)
 
 
 def diagnosis(kind: str, step: int, cleared_step: int | None = None) -> Diagnosis:

@@ -11,9 +11,9 @@ The rules and thresholds (which need torch) load on first use, so that reading r
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from lightning_optdiag._lazy import lazy_attributes
 from lightning_optdiag.diagnosis.records import KINDS, SEVERITIES, Diagnosis, Finding
 
 if TYPE_CHECKING:
@@ -27,11 +27,7 @@ _LAZY = {
     "Thresholds": "thresholds",
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = [

@@ -6,8 +6,9 @@ Submodules load on first use: reading logs back never imports torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from lightning_optdiag._lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from lightning_optdiag.report.console import change_panel, diagnosis_table, full_report
@@ -40,11 +41,7 @@ _LAZY = {
     "write_density_histogram": "tensorboard",
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = [
