@@ -215,6 +215,7 @@ class TrainingDoctor(Callback):
         self._horizon = warmup_horizon(optimizer) if optimizer is not None else None
         self._automatic = pl_module.automatic_optimization
         self._has_new_events()  # events restored from a checkpoint are not new
+        self._stopped = None
         self._strategy = trainer.strategy
         self._world_size = trainer.world_size
         if self.tensorboard and trainer.is_global_zero and not self._layout_written:
@@ -267,11 +268,7 @@ class TrainingDoctor(Callback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.global_step != self._evaluated_step:
             self.evaluate(trainer, pl_module)
-        self._write_text(trainer, trainer.global_step, final=True)
-        if trainer.is_global_zero and self.console:
-            report = full_report(self.diagnoses, trainer.global_step, self.actions)
-            console_for(trainer).print(report)
-        self._unreported = ([], [])
+        self._conclude(trainer, final=True)
 
     @override
     def on_exception(
@@ -279,15 +276,19 @@ class TrainingDoctor(Callback):
     ) -> None:
         # A run that dies (NonFiniteGuard(action="raise"), an interrupt) is when the diagnoses
         # matter most: judge what was seen, and record and report it.
-        self._stopped = f"{type(exception).__name__}: {' '.join(str(exception).split())}".rstrip(
-            ": "
-        )
+        message = " ".join(str(exception).split())
+        name = type(exception).__name__
+        self._stopped = f"{name}: {message}" if message else name
         # Evaluating runs a collective under DDP; the other processes may not be here.
         new_events = self._has_new_events()  # e.g. the NaN that made the guard raise
         if self._world_size <= 1 and (new_events or trainer.global_step != self._evaluated_step):
             with contextlib.suppress(Exception):  # never mask the exception that stopped fit
                 self.evaluate(trainer, pl_module)
-        self._write_text(trainer, trainer.global_step, force=True)
+        self._conclude(trainer, final=False)
+
+    def _conclude(self, trainer: Trainer, final: bool) -> None:
+        """The last word of a fit, finished or stopped: the record, then the report."""
+        self._write_text(trainer, trainer.global_step, final=final)
         if trainer.is_global_zero and self.console:
             report = full_report(self.diagnoses, trainer.global_step, self.actions)
             console_for(trainer).print(report)
@@ -531,15 +532,11 @@ class TrainingDoctor(Callback):
         if self._text_stale:
             self._write_text(trainer, step)
 
-    def _write_text(
-        self, trainer: Trainer, step: int, final: bool = False, force: bool = False
-    ) -> None:
-        """The Markdown table for people and the record for ``optdiag report``; at the end of
-        fit (so that even a healthy run says so) or when it stops on an exception, otherwise when
-        something changed."""
+    def _write_text(self, trainer: Trainer, step: int, final: bool = False) -> None:
+        """The Markdown table for people and the record for ``optdiag report``: written when
+        something changed, and at the end of fit (so that even a healthy run says so) or when it
+        stops on an exception."""
         if not (self.tensorboard and trainer.is_global_zero):
-            return
-        if not (self._text_stale or final or force):
             return
         self._text_stale = False
         text = diagnoses_markdown(self.diagnoses, self.actions)
