@@ -17,7 +17,7 @@ import random
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -65,14 +65,6 @@ QUIET: dict[str, Any] = {
 }
 # Full Lanczos (tol=0, every direction): the Ritz values are the exact eigenvalues up to rounding.
 EXACT: dict[str, Any] = {"tol": 0.0, "max_hvps": NUM_PARAMS, "max_overhead": None}
-
-
-@pytest.fixture(autouse=True)
-def _single_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------------ models

@@ -15,7 +15,6 @@ import re
 import statistics
 import sys
 from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +44,6 @@ INF = math.inf
 
 # The modules of Net that own parameters, in parameter order.
 LAYERS = ("encoder.0", "encoder.3", "head", "side")
-
-
-@pytest.fixture(autouse=True)
-def _single_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------------ models
