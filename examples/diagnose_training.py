@@ -72,7 +72,13 @@ def make_loaders(seed: int) -> tuple[DataLoader, DataLoader]:
 
 def main(argv: list[str] | None = None) -> list[str]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--init", choices=("default", "zeros"), default="zeros")
+    parser.add_argument(
+        "--init",
+        choices=("default", "zeros"),
+        default="default",
+        help="weight initialisation: PyTorch's default, or all zeros (a saddle point); "
+        "default: default",
+    )
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--json", type=Path, default=None, help="write the diagnoses here")
     parser.add_argument("--seed", type=int, default=0)

@@ -37,11 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo",
         help="train a small model on built-in data with the callbacks attached",
-        description="Train a small model on built-in synthetic data with GradientMonitor, "
-        "NonFiniteGuard, CurvatureMonitor and TrainingDoctor attached, print what they found "
-        "and the doctor's diagnoses, and write TensorBoard logs.",
+        description="Train a small model on built-in synthetic data with GradientMonitor,\n"
+        "NonFiniteGuard, CurvatureMonitor and TrainingDoctor attached, print what they found\n"
+        "and the doctor's diagnoses, and write TensorBoard logs (read them back with\n"
+        "optdiag report).",
         epilog="scenarios:\n"
-        + "\n".join(f"  {name:<10} {text}" for name, text in DEMO_SCENARIOS.items()),
+        + "\n".join(f"  {name:<12} {text}" for name, text in DEMO_SCENARIOS.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     demo.add_argument(
@@ -113,7 +114,7 @@ def _print_demo(console: Any, result: Any) -> None:
     summary.add_column(style="bold")
     summary.add_column()
     summary.add_row("steps", f"{result.steps} in {result.seconds:.1f} s")
-    summary.add_row("final training loss", f"{result.final_loss:.4g}")
+    summary.add_row("final training loss (whole set)", f"{result.final_loss:.4g}")
     latest = monitor.latest.get(0)
     if latest is not None:
         summary.add_row(
@@ -200,8 +201,8 @@ def _gradient_detail(event: Any) -> str:
 
 REPORT_EPILOG = """\
 exit status:
-  0  every run is healthy (no diagnosis, no non-finite value)
-  1  problems were diagnosed in at least one run
+  0  every run is healthy: no diagnosis of severity --fail-on or worse, no non-finite value
+  1  problems were diagnosed in at least one run (active or since cleared)
   2  bad input: no such directory, no optdiag data, or a corrupt event file
 
 examples:
@@ -241,6 +242,13 @@ def _add_report_parser(commands: Any) -> None:
         help="sparkline width in characters (default: what the terminal fits, at most 40)",
     )
     report.add_argument(
+        "--fail-on",
+        choices=("info", "warning", "error"),
+        default="warning",
+        help="the least severe diagnosis that counts as a problem for the exit status "
+        "(default: warning; 'info' marks e.g. the plateau of a converged run)",
+    )
+    report.add_argument(
         "--json",
         action="store_true",
         help="print the runs' diagnoses and counts as JSON instead (same exit status)",
@@ -269,13 +277,13 @@ def _report(args: argparse.Namespace) -> int:
         runs = [max(runs, key=lambda run: max(path.stat().st_mtime for path in run.files))]
     verdicts = [run_verdict(run) for run in runs]
     if args.json:
-        _print_report_json(runs, verdicts)
+        _print_report_json(runs, verdicts, args.fail_on)
     else:
-        _print_report(runs, verdicts, args.width)
-    return max(verdict.exit_code for verdict in verdicts)
+        _print_report(runs, verdicts, args.width, args.fail_on)
+    return int(any(verdict.problems(args.fail_on) for verdict in verdicts))
 
 
-def _print_report(runs: list[Any], verdicts: list[Any], width: int | None) -> None:
+def _print_report(runs: list[Any], verdicts: list[Any], width: int | None, fail_on: str) -> None:
     from rich.console import Console
     from rich.rule import Rule
 
@@ -287,7 +295,7 @@ def _print_report(runs: list[Any], verdicts: list[Any], width: int | None) -> No
             console.print(Rule(style="dim"))
         console.print(run_report(run, width, max_width=console.width))
     if len(runs) > 1:
-        unhealthy = sum(not verdict.healthy for verdict in verdicts)
+        unhealthy = sum(verdict.problems(fail_on) for verdict in verdicts)
         style = "green" if not unhealthy else "yellow"
         console.print(
             f"[{style}]{len(runs)} runs: {len(runs) - unhealthy} healthy, "
@@ -295,14 +303,17 @@ def _print_report(runs: list[Any], verdicts: list[Any], width: int | None) -> No
         )
 
 
-def _print_report_json(runs: list[Any], verdicts: list[Any]) -> None:
+def _print_report_json(runs: list[Any], verdicts: list[Any], fail_on: str) -> None:
     import json
 
     payload = [
         {
             "run": str(run.path),
             "last_step": run.last_step,
-            "healthy": verdict.healthy,
+            "healthy": not verdict.problems(fail_on),
+            "final": None if run.record is None else run.record.final,
+            "stopped": None if run.record is None else run.record.stopped,
+            "nonfinite_curves": verdict.nonfinite_curves,
             "source": verdict.source,
             "diagnoses": None
             if verdict.diagnoses is None

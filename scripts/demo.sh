@@ -2,7 +2,7 @@
 # Install everything into .venv and run the demo on built-in synthetic data.
 set -euo pipefail
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-source "$repo_root/scripts/bootstrap.sh" ""
+source "$repo_root/scripts/bootstrap.sh" "examples"
 cd "$repo_root"
 status=0
 "$venv/bin/optdiag" demo "$@" || status=$?

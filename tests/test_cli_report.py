@@ -183,6 +183,9 @@ def test_json_matches_the_logs(tmp_path: Path, capsys: pytest.CaptureFixture[str
         "nonfinite_events": 2,
         "skipped_steps": 2,
         "warnings": [],
+        "final": False,
+        "stopped": None,
+        "nonfinite_curves": [],
     }
     assert first["diagnoses"][0]["evidence"] == {"p_value": 0.01, "ratio": None}
     assert payload[1]["healthy"] is True

@@ -8,6 +8,10 @@ logger is a ``TensorBoardLogger``. The only optdiag-aware line in the script is 
 
     python examples/lightning_cli/train.py fit --config examples/lightning_cli/config.yaml
     tensorboard --logdir runs/lightning_cli
+    optdiag report runs/lightning_cli --latest
+
+LightningCLI needs ``jsonargparse[signatures]`` (``pip install -e '.[examples]'``; installed by
+``scripts/demo.sh``).
 
 Any setting can be overridden on the command line, e.g. a quick check in a few seconds:
 

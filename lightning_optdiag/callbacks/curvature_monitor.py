@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
@@ -324,6 +324,22 @@ class CurvatureMonitor(Callback):
             self._next_check = step + wait
         else:
             self.measure(trainer, pl_module)
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.history or self._train_steps == 0:
+            return
+        # A short run can end before the first check: say so rather than leave a silent gap.
+        if self.max_overhead is not None and self._next_check > self.every_n_steps:
+            why = (
+                f"the time budget (max_overhead={self.max_overhead:g}) put the first check at "
+                f"step {self._next_check}; pass max_overhead=None for short runs"
+            )
+        else:
+            why = f"the first check is due at step {self._next_check} (every_n_steps)"
+        rank_zero_info(
+            f"CurvatureMonitor: no curvature check in {trainer.global_step} steps: {why}"
+        )
 
     # ------------------------------------------------------------------------------- measuring
     def measure(self, trainer: Trainer, pl_module: LightningModule) -> CurvatureRecord | None:

@@ -79,7 +79,9 @@ class TrainingDoctor(Callback):
     optdiag's charts, the diagnoses as a Markdown table (``optdiag/diagnoses``) and as a JSON
     record for ``optdiag report`` (``optdiag/doctor/record``), written when they change and at
     the end of ``fit``, and one scalar per kind (``optdiag/diagnosis/<kind>``: 1 while active);
-    ``doctor.to_json(path)``.
+    ``doctor.to_json(path)``. With every evaluation it also logs the training and validation
+    losses it judged (``optdiag/loss/train``, ``optdiag/loss/val``) and the first optimizer's
+    learning rate (``optdiag/lr``).
 
     When ``fit`` stops on an exception (``NonFiniteGuard(action="raise")``, an interrupt) the
     doctor judges the run at that point, prints its report and records what stopped it, so that
@@ -416,9 +418,10 @@ class TrainingDoctor(Callback):
                 self._text_stale = True
                 self._streaks[kind] = 0
         for kind in COUNTED_EVENTS & set(found) & set(self._active):
-            # A burst of NaNs or spikes is one diagnosis: keep its count and latest step current.
+            # A burst of NaNs or spikes is one diagnosis: keep its count and latest step current
+            # as new events come (not as old ones age out of the event window).
             finding, diagnosis = found[kind], self._active[kind]
-            if finding.message != diagnosis.message:
+            if _latest_event(finding.evidence) > _latest_event(diagnosis.evidence):
                 diagnosis.message = finding.message
                 diagnosis.evidence = dict(finding.evidence)
                 diagnosis.confidence = finding.confidence
@@ -527,6 +530,9 @@ class TrainingDoctor(Callback):
             metrics[f"{PREFIX}/loss/train"] = self._losses[-1]
         if self._val_losses:
             metrics[f"{PREFIX}/loss/val"] = self._val_losses[-1]
+        optimizer = _first_optimizer(trainer)
+        if optimizer is not None:
+            metrics[f"{PREFIX}/lr"] = float(optimizer.param_groups[0]["lr"])
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
         if self._text_stale:
@@ -609,6 +615,11 @@ def find_callback(trainer: Trainer, kind: type[Any]) -> Any:
         if isinstance(callback, kind):
             return callback
     return None
+
+
+def _latest_event(evidence: dict[str, Any]) -> int:
+    steps = evidence.get("steps") or [-1]
+    return max(steps)
 
 
 def _loss_of(outputs: Any) -> Tensor | None:

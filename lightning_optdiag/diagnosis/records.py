@@ -64,7 +64,9 @@ class Diagnosis:
 
     Attributes:
         kind: one of :data:`KINDS`.
-        step: the optimizer step at which it appeared.
+        step: ``trainer.global_step`` when it was reported. ``global_step`` counts completed
+            optimizer steps, so an event in step 60 (as the monitors number it) is reported at
+            61.
         severity: one of :data:`SEVERITIES`.
         confidence: see :class:`Finding`.
         evidence: the numbers when it appeared (for counted events, non-finite values and

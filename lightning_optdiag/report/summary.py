@@ -17,7 +17,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from lightning_optdiag.diagnosis.records import KINDS, Diagnosis
+from lightning_optdiag.diagnosis.records import KINDS, SEVERITIES, Diagnosis
 from lightning_optdiag.report.console import full_report
 from lightning_optdiag.report.logdir import RunLog
 
@@ -29,6 +29,7 @@ KEY_CURVES: tuple[tuple[str, tuple[str, ...]], ...] = (
         ("optdiag/loss/train", "train_loss", "train_loss_step", "train/loss", "loss"),
     ),
     ("validation loss", ("optdiag/loss/val", "val_loss", "val_loss_epoch", "val/loss")),
+    ("learning rate", ("optdiag/lr",)),
     ("gradient norm", ("optdiag/grad_norm/total",)),
     ("λ_max", ("optdiag/hessian/lambda_max",)),
     ("λ_min", ("optdiag/hessian/lambda_min",)),
@@ -36,15 +37,20 @@ KEY_CURVES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("noise scale", ("optdiag/hessian/noise_scale",)),
     ("Hessian trace", ("optdiag/hessian/trace",)),
 )
-"""``(label, tags)``: each curve shows the first of its tags the run has; the loss curves fall
-back on the usual names of a module's own logged losses. Learning rates (LearningRateMonitor's
-``lr-*`` tags) are added after the losses."""
+"""``(label, tags)``: each curve shows the best-resolved of its tags the run has; the loss
+curves fall back on the usual names of a module's own logged losses. Without the doctor's
+``optdiag/lr``, LearningRateMonitor's ``lr-*`` tags stand in; under manual optimization with
+several optimizers, each optimizer's ``optdiag/grad_norm/total_optimizer<i>`` is a curve."""
 
 _LEVELS = "▁▂▃▄▅▆▇█"
+_FLAT = 1e-3  # a series whose range is below this fraction of its size is drawn flat
 _LOG_SPAN = 100.0  # a positive curve spanning this ratio or more is drawn on a log scale
 _NONFINITE_TAG = "optdiag/nonfinite/events"
 _SKIPPED_TAG = "optdiag/nonfinite/skipped_steps"
 _DIAGNOSIS_PREFIX = "optdiag/diagnosis/"
+_PER_OPTIMIZER = "optdiag/grad_norm/total_"  # + "optimizer<i>", GradientMonitor's per-optimizer
+# Without the record, a kind's usual severity (the rules': plateau and noise are "info").
+_DEFAULT_SEVERITY = {"nonfinite": "error", "plateau": "info", "gradient_noise": "info"}
 _WATCHED_CURVES = frozenset({"training loss", "validation loss", "gradient norm"})
 _COLUMN_GAP = 3  # " │ " between the columns of the curves table
 
@@ -71,10 +77,26 @@ class RunVerdict:
     actions: list[dict[str, Any]] = field(default_factory=list)
     nonfinite_curves: list[str] = field(default_factory=list)
 
+    def problems(self, fail_on: str = "warning") -> bool:
+        """Whether a diagnosis of severity ``fail_on`` or worse was made (active or cleared),
+        a non-finite event was logged, or a key curve went non-finite.
+
+        Raises:
+            ValueError: ``fail_on`` is not a severity.
+        """
+        if fail_on not in SEVERITIES:
+            raise ValueError(
+                f"Invalid fail_on: {fail_on!r} (expected one of {', '.join(SEVERITIES)})"
+            )
+        level = SEVERITIES.index(fail_on)
+        diagnosed = any(SEVERITIES.index(d.severity) >= level for d in self.diagnoses or ())
+        return diagnosed or self.nonfinite_events > 0 or bool(self.nonfinite_curves)
+
     @property
     def healthy(self) -> bool:
-        """No diagnosis (active or cleared), no non-finite event, no non-finite key curve."""
-        return not self.diagnoses and self.nonfinite_events == 0 and not self.nonfinite_curves
+        """Nothing worse than ``info`` (a converged run's plateau is worth knowing, not a
+        problem), no non-finite event, no non-finite key curve."""
+        return not self.problems("warning")
 
     @property
     def exit_code(self) -> int:
@@ -89,7 +111,8 @@ def run_verdict(run: RunLog) -> RunVerdict:
     bad_curves = [
         label
         for label, points in _key_curves(run)
-        if label in _WATCHED_CURVES and not all(math.isfinite(value) for _, value in points)
+        if label.split(" (")[0] in _WATCHED_CURVES
+        and not all(math.isfinite(value) for _, value in points)
     ]
     if run.record is not None:
         diagnoses = list(run.record.diagnoses)
@@ -133,10 +156,15 @@ def run_report(run: RunLog, width: int | None = None, max_width: int = 80) -> Re
     if curves is not None:
         parts.append(curves)
     if verdict.nonfinite_curves:
+        advice = (
+            " (attach NonFiniteGuard to catch it as it happens)"
+            if verdict.nonfinite_events == 0
+            else ""
+        )
+        names = ", ".join(verdict.nonfinite_curves)
         parts.append(
             Text(
-                f"Non-finite values in the logged {', '.join(verdict.nonfinite_curves)}: the run "
-                "diverged (attach NonFiniteGuard to catch it as it happens).",
+                f"Non-finite values in the logged {names}: the run diverged{advice}.",
                 style="bold red",
             )
         )
@@ -174,7 +202,8 @@ def curves_table(run: RunLog, width: int | None = None, max_width: int = 80) -> 
     """One row per key curve the run has: sparkline, first and last value, range, steps.
 
     The sparklines are ``width`` wide; ``None`` makes them as wide as fits in ``max_width``
-    columns next to the other cells (at most 40, at least 8)."""
+    columns next to the other cells (at most 40); when even 8 do not fit, the range column is
+    left out to make room."""
     curves = _key_curves(run)
     if not curves:
         return None
@@ -186,21 +215,32 @@ def curves_table(run: RunLog, width: int | None = None, max_width: int = 80) -> 
         span = f"{_fmt(min(finite))} … {_fmt(max(finite))}" if finite else "no finite value"
         ends = f"{_fmt(values[0])} → {_fmt(values[-1])}"
         rows.append((label, values, ends, span, f"{points[0][0]}–{points[-1][0]}"))
+    with_range = True
     if width is None:
         # The log-scale suffix, as the widest sparklines would have it, counts in the label.
         labels = [row[0] + (" (log)" if sparkline(row[1], 40)[1] else "") for row in rows]
-        others = [max(len(text) for text in (headers[0], *labels))]
-        others += [
+        widths = [max(len(text) for text in (headers[0], *labels))]
+        widths += [
             max(len(text) for text in (headers[i], *(row[i] for row in rows))) for i in (2, 3, 4)
         ]
-        width = max(8, min(40, max_width - sum(others) - _COLUMN_GAP * (len(headers) - 1)))
+        room = max_width - sum(widths) - _COLUMN_GAP * (len(headers) - 1)
+        if room < 8:
+            with_range = False
+            room += widths[2] + _COLUMN_GAP
+        width = max(8, min(40, room))
     table = Table(title="key curves", title_justify="left", show_edge=False, pad_edge=False)
     for header in headers:
+        if header == "min … max" and not with_range:
+            continue
         justify = "left" if header in ("curve", "trend") else "right"
         table.add_column(header, no_wrap=True, justify=justify)  # type: ignore[arg-type]
     for label, values, ends, span, steps in rows:
         line, log_scale = sparkline(values, width)
-        table.add_row(label + (" (log)" if log_scale else ""), line, ends, span, steps)
+        label_cell = label + (" (log)" if log_scale else "")
+        if with_range:
+            table.add_row(label_cell, line, ends, span, steps)
+        else:
+            table.add_row(label_cell, line, ends, steps)
     return table
 
 
@@ -228,6 +268,8 @@ def sparkline(values: Sequence[float], width: int = 40) -> tuple[Text, bool]:
     scaled = [math.log(value) if log_scale and math.isfinite(value) else value for value in columns]
     finite_scaled = [value for value in scaled if math.isfinite(value)]
     low, high = (min(finite_scaled), max(finite_scaled)) if finite_scaled else (0.0, 0.0)
+    if high - low <= _FLAT * max(abs(low), abs(high)):
+        high = low  # equal to the printed precision: draw it flat, not as noise blown up
     line = Text()
     for value in scaled:
         if not math.isfinite(value):
@@ -246,11 +288,17 @@ def _key_curves(run: RunLog) -> list[tuple[str, list[tuple[int, float]]]]:
         present = [tag for tag in tags if run.scalars.get(tag)]
         if present:
             rows.append((label, max((run.scalars[tag] for tag in present), key=len)))
-        if label == "validation loss":
+        elif label == "learning rate":
             rows.extend(
                 (f"learning rate ({tag[3:]})", points)
                 for tag, points in run.scalars.items()
                 if tag.startswith("lr-") and points
+            )
+        elif label == "gradient norm":
+            rows.extend(
+                (f"gradient norm ({tag[len(_PER_OPTIMIZER) :].replace('_', ' ')})", points)
+                for tag, points in run.scalars.items()
+                if tag.startswith(_PER_OPTIMIZER) and points
             )
     return rows
 
@@ -271,7 +319,7 @@ def _diagnoses_from_scalars(run: RunLog) -> list[Diagnosis] | None:
                 current = Diagnosis(
                     kind=kind,
                     step=step,
-                    severity="error" if kind == "nonfinite" else "warning",
+                    severity=_DEFAULT_SEVERITY.get(kind, "warning"),
                     confidence=1.0,
                     evidence={},
                     message=KINDS[kind],

@@ -1488,3 +1488,23 @@ def test_an_infinite_noise_scale_is_recorded_but_not_logged(
     assert metrics["optdiag/hessian/lambda_max"] == 2.0
     assert ("optdiag/hessian/noise_scale" in metrics) is logged
     assert all(math.isfinite(value) for value in metrics.values())
+
+
+def test_a_run_too_short_for_a_check_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    monitor = CurvatureMonitor(every_n_steps=100, max_overhead=None)
+    with caplog.at_level("INFO"):
+        fit(Net(), [monitor], max_steps=6)
+    assert monitor.history == []
+    (message,) = [r.getMessage() for r in caplog.records if "CurvatureMonitor" in r.getMessage()]
+    assert message == (
+        "CurvatureMonitor: no curvature check in 6 steps: the first check is due at step 100 "
+        "(every_n_steps)"
+    )
+
+
+def test_a_run_with_checks_says_nothing_more(caplog: pytest.LogCaptureFixture) -> None:
+    monitor = CurvatureMonitor(every_n_steps=2, max_overhead=None)
+    with caplog.at_level("INFO"):
+        fit(Net(), [monitor], max_steps=6)
+    assert len(monitor.history) == 3
+    assert not [r for r in caplog.records if "CurvatureMonitor" in r.getMessage()]

@@ -651,6 +651,26 @@ def test_exploding_diagnosis_appears_once_and_clears_once() -> None:
     assert doctor.active == []
 
 
+def test_evidence_grows_with_new_spikes_and_does_not_shrink_as_old_ones_age_out() -> None:
+    spec = SCENARIOS["exploding"]
+    pl_seed_everything(0, verbose=False)
+    train, _ = spec.data(0)
+    doctor = TrainingDoctor(
+        check_every_n_steps=20, window=100, console=False, thresholds=Thresholds(event_window=80)
+    )
+    callbacks = [GradientMonitor(log_every_n_steps=10), NonFiniteGuard(action="skip"), doctor]
+    fit(make_module(spec, 0, train), train, callbacks, 240, **spec.trainer)
+    # Spikes at 60, 120 and 180, each within 80 steps of the last: one episode, still active at
+    # 240 (180 + 80 > 240). The evidence is the window at the latest spike (181: the spikes at
+    # 120 and 180). By the checks at 220 and 240 the spike at 120 has aged out of the window
+    # (120 <= 220 - 80) and the rule sees only 180, but no new event came: the evidence stays.
+    (episode,) = doctor.diagnoses
+    assert (episode.kind, episode.step, episode.cleared_step) == ("exploding_gradients", 61, None)
+    assert episode.evidence["steps"] == [120, 180]
+    assert episode.evidence["count"] == 2
+    assert episode.message.startswith("2 gradient-norm spike(s)")
+
+
 def test_every_outlier_batch_of_the_exploding_scenario_is_an_episode() -> None:
     spec = SCENARIOS["exploding"]
     pl_seed_everything(0, verbose=False)
@@ -827,6 +847,15 @@ def test_tensorboard_layout_text_and_per_kind_scalars(
     assert "| plateau | steps 2–4 |" in texts[4]
     assert "| nonfinite | steps 3–4 |" in texts[4]
     assert texts[max(texts)] == texts[4]
+
+
+def test_the_learning_rate_is_logged_with_every_evaluation(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    _, events = tensorboard_run(monkeypatch, tmp_path)
+    logged = events.Scalars("optdiag/lr")
+    assert [e.step for e in logged] == [1, 2, 3, 4, 5, 6]  # check_every_n_steps=1
+    assert all(e.value == pytest.approx(0.01) for e in logged)  # the module's SGD lr
 
 
 def test_tensorboard_text_is_written_when_something_changed_and_at_the_end(

@@ -193,7 +193,7 @@ def test_verdict_from_per_kind_scalars_intervals() -> None:
     ]
     nonfinite = verdict.diagnoses[1]
     assert nonfinite.severity == "error"
-    assert verdict.diagnoses[0].severity == "warning"
+    assert verdict.diagnoses[0].severity == "info"  # the rules' severity for a plateau
     assert nonfinite.message == KINDS["nonfinite"]
     assert nonfinite.evidence == {}
     assert verdict.actions == []
@@ -419,3 +419,67 @@ def test_curves_table_sparkline_width_is_respected() -> None:
     trend = line.split("│")[1].strip()
     assert len(trend) == 12
     assert trend == sparkline([float(v) for v in range(100)], 12)[0].plain
+
+
+def test_an_info_diagnosis_alone_is_healthy_unless_asked_to_fail_on_info() -> None:
+    plateau = Diagnosis(
+        kind="plateau",
+        step=40,
+        severity="info",
+        confidence=0.9,
+        evidence={},
+        message="converged",
+        recommendation="stop",
+    )
+    verdict = run_verdict(make_run(record=DoctorRecord(step=100, final=True, diagnoses=[plateau])))
+    assert verdict.healthy is True
+    assert verdict.exit_code == 0
+    assert verdict.problems("info") is True
+    assert verdict.problems("warning") is False
+    assert verdict.problems("error") is False
+    with pytest.raises(ValueError, match="Invalid fail_on: 'fatal'"):
+        verdict.problems("fatal")
+    sick = run_verdict(
+        make_run(record=DoctorRecord(step=100, diagnoses=[make_diagnosis("saddle_point", 50)]))
+    )
+    assert (sick.problems("warning"), sick.problems("error")) == (True, False)
+
+
+def test_a_flat_series_is_drawn_flat() -> None:
+    line, _ = sparkline([214.0, 214.05, 213.98, 214.01])  # equal to 0.1%
+    assert line.plain == "▁▁▁▁"
+    line, _ = sparkline([214.0, 216.0, 212.0])  # 2% apart: real variation
+    assert line.plain == "▅█▁"  # 214 is halfway: level 3.5 rounds to 4
+
+
+def test_learning_rate_and_per_optimizer_gradient_curves() -> None:
+    run = make_run(
+        {
+            "optdiag/lr": series([0.1, 0.05]),
+            "lr-Adam": series([0.1, 0.05, 0.02]),  # the doctor's own wins over the monitor's
+            "optdiag/grad_norm/total_optimizer0": series([1.0, 2.0]),
+            "optdiag/grad_norm/total_optimizer1": series([3.0, 4.0]),
+        }
+    )
+    text = render(run_report(run))
+    assert "learning rate " in text
+    assert "(Adam)" not in text
+    assert "gradient norm (optimizer0)" in text
+    assert "gradient norm (optimizer1)" in text
+    only_monitor = make_run({"lr-Adam": series([0.1, 0.05])})
+    assert "learning rate (Adam)" in render(run_report(only_monitor))
+
+
+def test_a_narrow_console_drops_the_range_column_before_truncating() -> None:
+    run = make_run(
+        {
+            "optdiag/loss/val": series([3.62e25, 1e28, 6.38e33, 2.0e30] * 5, start=20),
+            "optdiag/hessian/sharpness_ratio": series([0.0123456, 1.5e-7] * 10, start=2000),
+        }
+    )
+    wide = render(curves_table(run, max_width=120) or "", width=1000)
+    narrow = render(curves_table(run, max_width=66) or "", width=1000)
+    assert "min … max" in wide
+    assert "min … max" not in narrow
+    assert max(len(line.rstrip()) for line in narrow.splitlines()) <= 66
+    assert "2000–2019" in narrow  # the steps stay whole
