@@ -528,3 +528,27 @@ def test_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
     assert len(result.stdout) == 20
     assert "Traceback" not in result.stderr
     assert "BrokenPipeError" not in result.stderr
+
+
+def test_fail_on_sets_the_least_severe_diagnosis_that_fails(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    converged = Diagnosis(
+        kind="plateau",
+        step=60,
+        severity="info",
+        confidence=0.9,
+        evidence={},
+        message="The training loss stopped improving.",
+        recommendation="Stop early.",
+    )
+    run = write_run(tmp_path / "run", [converged])
+    code, out, _ = report(capsys, str(run))
+    assert code == 0  # shown, but a converged run's plateau is not a problem
+    assert "plateau" in out
+    assert report(capsys, str(run), "--fail-on", "info")[0] == 1
+    code, payload = report_json(capsys, str(run), "--fail-on", "info")
+    assert (code, payload[0]["healthy"]) == (1, False)
+    sick = write_run(tmp_path / "sick", [diagnosis("saddle_point", 40)])
+    assert report(capsys, str(sick))[0] == 1
+    assert report(capsys, str(sick), "--fail-on", "error")[0] == 0
