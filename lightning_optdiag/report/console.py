@@ -46,12 +46,13 @@ def change_panel(
     lines = Text()
     for diagnosis in appeared:
         lines.append("+ ", style=_STYLES.get(diagnosis.severity, ""))
-        lines.append(f"{diagnosis.kind}: ", style="bold")
-        lines.append(f"{diagnosis.message}\n")
+        lines.append(diagnosis.kind, style="bold")
+        # The panel comes at the end of a validation epoch; the diagnosis has its own step.
+        lines.append(f" (step {diagnosis.step}): {diagnosis.message}\n")
     for diagnosis in cleared:
         lines.append("- ", style="green")
         lines.append(f"{diagnosis.kind} cleared", style="bold")
-        lines.append(f" (since step {diagnosis.step})\n")
+        lines.append(f" at step {diagnosis.cleared_step} ({diagnosis.span})\n")
     lines.rstrip()
     return Panel(lines, title=f"optdiag · epoch {epoch} · step {step}", expand=False)
 

@@ -957,9 +957,9 @@ def test_console_panel_after_a_validation_epoch_with_changes(
     panels = out.split("optdiag · epoch")[1:]
     assert len(panels) == 2
     assert panels[0].startswith(" 1 · step 8")
-    assert "+ plateau: plateau seen" in panels[0]
+    assert "+ plateau (step 5): plateau seen" in panels[0]
     assert panels[1].startswith(" 2 · step 12")
-    assert "- plateau cleared" in panels[1]
+    assert "- plateau cleared at step 9 (steps 5–9)" in panels[1]
     assert out.index("optdiag · epoch 2") < out.index("optdiag report")
 
 
