@@ -36,6 +36,7 @@ from lightning_optdiag.callbacks import (
     NonFiniteEvent,
     NonFiniteGuard,
 )
+from tests.callbacks.conftest import assert_rejected
 from tests.ddp import run_scenario
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -1027,11 +1028,7 @@ def test_lightning_cli_rejects_an_invalid_action(monkeypatch: pytest.MonkeyPatch
 def test_invalid_arguments_are_rejected(
     kwargs: dict[str, Any], error: type[Exception], words: list[str]
 ) -> None:
-    with pytest.raises(error) as info:
-        NonFiniteGuard(**kwargs)
-    assert type(info.value) is error
-    for word in words:
-        assert word in str(info.value)
+    assert_rejected(NonFiniteGuard, kwargs, error, words)
 
 
 def test_valid_boundary_arguments_are_accepted() -> None:

@@ -40,6 +40,7 @@ from lightning_optdiag.callbacks import (
 from lightning_optdiag.demo import SCENARIOS, make_module, run_demo
 from lightning_optdiag.diagnosis import KINDS, Diagnosis, Finding, Thresholds
 from lightning_optdiag.report.record import RECORD_TAG, decode_record
+from tests.callbacks.conftest import assert_rejected
 from tests.ddp import run_scenario
 
 pytestmark = [
@@ -1214,11 +1215,7 @@ def test_state_dict_round_trip(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_invalid_arguments_are_rejected(
     kwargs: dict[str, Any], error: type[Exception], words: list[str]
 ) -> None:
-    with pytest.raises(error) as info:
-        TrainingDoctor(**kwargs)
-    assert type(info.value) is error
-    for word in words:
-        assert word in str(info.value)
+    assert_rejected(TrainingDoctor, kwargs, error, words)
 
 
 def test_boundary_arguments_are_accepted() -> None:
